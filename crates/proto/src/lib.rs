@@ -54,8 +54,7 @@ pub fn service_names() -> Vec<String> {
 pub fn methods() -> Vec<MethodInfo> {
     use prost::Message;
     // The set is produced by our own build script; failing to decode it is a build defect.
-    let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET)
-        .expect("embedded descriptor set is valid");
+    let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).expect("embedded descriptor set is valid");
     let mut out = Vec::new();
     for file in set.file {
         let package = file.package().to_string();

@@ -178,10 +178,7 @@ impl AuthLayer {
     /// A layer for identities in `trust_domain`, counting refusals in `metrics`.
     pub fn new(trust_domain: String, metrics: Metrics) -> Self {
         AuthLayer {
-            inner: Arc::new(AuthState {
-                trust_domain,
-                metrics,
-            }),
+            inner: Arc::new(AuthState { trust_domain, metrics }),
         }
     }
 }
@@ -231,11 +228,7 @@ where
         };
         let path = req.uri().path().to_string();
         if let Err((status, reason)) = authorize(&path, &identity) {
-            self.state
-                .metrics
-                .auth_failures
-                .with_label_values(&[reason])
-                .inc();
+            self.state.metrics.auth_failures.with_label_values(&[reason]).inc();
             tracing::info!(
                 path = %path,
                 caller = %identity,

@@ -47,9 +47,7 @@ pub fn service_channel(
         endpoint: endpoint.to_string(),
         reason,
     };
-    let (host, port) = endpoint
-        .rsplit_once(':')
-        .ok_or_else(|| bad("missing port".into()))?;
+    let (host, port) = endpoint.rsplit_once(':').ok_or_else(|| bad("missing port".into()))?;
     port.parse::<u16>().map_err(|e| bad(format!("bad port: {e}")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {

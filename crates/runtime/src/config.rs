@@ -34,15 +34,30 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
 
     /// Address of the gRPC port (every service of the role on one port). Port 0 binds a free port.
-    #[arg(long, env = "PEERVAULT_GRPC_LISTEN", default_value = "0.0.0.0:8082", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "PEERVAULT_GRPC_LISTEN",
+        default_value = "0.0.0.0:8082",
+        value_name = "ADDR"
+    )]
     pub grpc_listen: SocketAddr,
 
     /// Address of the events WebSocket/HTTP port. Port 0 binds a free port.
-    #[arg(long, env = "PEERVAULT_HTTP_LISTEN", default_value = "0.0.0.0:8083", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "PEERVAULT_HTTP_LISTEN",
+        default_value = "0.0.0.0:8083",
+        value_name = "ADDR"
+    )]
     pub http_listen: SocketAddr,
 
     /// Address of the admin HTTP port (`/metrics`, `/healthz`, `/readyz`). Port 0 binds a free port.
-    #[arg(long, env = "PEERVAULT_ADMIN_LISTEN", default_value = "0.0.0.0:9090", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "PEERVAULT_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9090",
+        value_name = "ADDR"
+    )]
     pub admin_listen: SocketAddr,
 
     /// PEM certificate chain this server presents (and uses as its identity towards other services).
@@ -70,7 +85,12 @@ pub struct ServeConfig {
     pub insecure: bool,
 
     /// SPIFFE trust domain of service identities (`spiffe://<domain>/peervault/<service>`).
-    #[arg(long, env = "PEERVAULT_TRUST_DOMAIN", default_value = "peervault.local", value_name = "DOMAIN")]
+    #[arg(
+        long,
+        env = "PEERVAULT_TRUST_DOMAIN",
+        default_value = "peervault.local",
+        value_name = "DOMAIN"
+    )]
     pub trust_domain: String,
 
     /// Largest gRPC message accepted or sent, in bytes.

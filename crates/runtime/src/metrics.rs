@@ -17,8 +17,8 @@ use http::{Request, Response};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -141,7 +141,10 @@ impl Metrics {
     pub fn new(role: &str, version: &str) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let started = IntCounterVec::new(
-            Opts::new(names::GRPC_SERVER_STARTED_TOTAL, "Total number of RPCs started on the server."),
+            Opts::new(
+                names::GRPC_SERVER_STARTED_TOTAL,
+                "Total number of RPCs started on the server.",
+            ),
             RPC_LABELS,
         )?;
         let handled = IntCounterVec::new(
@@ -162,11 +165,17 @@ impl Metrics {
             RPC_LABELS,
         )?;
         let msg_received = IntCounterVec::new(
-            Opts::new(names::GRPC_SERVER_MSG_RECEIVED_TOTAL, "Total number of RPC stream messages received on the server."),
+            Opts::new(
+                names::GRPC_SERVER_MSG_RECEIVED_TOTAL,
+                "Total number of RPC stream messages received on the server.",
+            ),
             RPC_LABELS,
         )?;
         let msg_sent = IntCounterVec::new(
-            Opts::new(names::GRPC_SERVER_MSG_SENT_TOTAL, "Total number of gRPC stream messages sent by the server."),
+            Opts::new(
+                names::GRPC_SERVER_MSG_SENT_TOTAL,
+                "Total number of gRPC stream messages sent by the server.",
+            ),
             RPC_LABELS,
         )?;
         let build_info = IntGaugeVec::new(
@@ -181,7 +190,10 @@ impl Metrics {
             "Connections accepted on the gRPC port after the TLS handshake.",
         )?;
         let tls_handshake_failures = IntCounterVec::new(
-            Opts::new(names::TLS_HANDSHAKE_FAILURES_TOTAL, "TLS handshakes that failed, by reason."),
+            Opts::new(
+                names::TLS_HANDSHAKE_FAILURES_TOTAL,
+                "TLS handshakes that failed, by reason.",
+            ),
             &["reason"],
         )?;
         let tls_reloads = IntCounterVec::new(
@@ -189,10 +201,16 @@ impl Metrics {
             &["result"],
         )?;
         let auth_failures = IntCounterVec::new(
-            Opts::new(names::AUTH_FAILURES_TOTAL, "Calls refused by the auth layer, by reason."),
+            Opts::new(
+                names::AUTH_FAILURES_TOTAL,
+                "Calls refused by the auth layer, by reason.",
+            ),
             &["reason"],
         )?;
-        let start_time = prometheus::Gauge::new(names::START_TIME_SECONDS, "Process start time, seconds since the epoch.")?;
+        let start_time = prometheus::Gauge::new(
+            names::START_TIME_SECONDS,
+            "Process start time, seconds since the epoch.",
+        )?;
         start_time.set(epoch_seconds() as f64);
         registry.register(Box::new(started.clone()))?;
         registry.register(Box::new(handled.clone()))?;
@@ -217,8 +235,14 @@ impl Metrics {
         for (path, kind) in [
             ("/grpc.health.v1.Health/Check", "unary"),
             ("/grpc.health.v1.Health/Watch", "server_stream"),
-            ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "bidi_stream"),
-            ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "bidi_stream"),
+            (
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                "bidi_stream",
+            ),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                "bidi_stream",
+            ),
         ] {
             let (svc, method) = path[1..].split_once('/').unwrap_or((path, ""));
             methods.insert(path.to_string(), (kind, svc.to_string(), method.to_string()));
@@ -406,7 +430,8 @@ impl FrameCounter {
             if self.header_len == 5 {
                 started += 1;
                 self.header_len = 0;
-                self.remaining = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]) as u64;
+                self.remaining =
+                    u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]) as u64;
             }
         }
         started

@@ -85,10 +85,13 @@ macro_rules! configure_service {
     };
 }
 
+/// Adds one service to the router being assembled.
+type AddRoute = Box<dyn FnOnce(&mut RoutesBuilder) + Send>;
+
 /// The gRPC services a role contributes, and the names its health reports.
 #[derive(Default)]
 pub struct Services {
-    routes: RoutesBuilder,
+    adders: Vec<AddRoute>,
     health_names: Vec<String>,
 }
 
@@ -113,7 +116,16 @@ impl Services {
         S::Future: Send + 'static,
     {
         self.health_names.push(S::NAME.to_string());
-        self.routes.add_service(svc);
+        self.adders.push(Box::new(move |r: &mut RoutesBuilder| {
+            r.add_service(svc);
+        }));
+        self
+    }
+
+    /// Adds every service of `other` (for `serve all`, which hosts several roles' services).
+    pub fn extend(&mut self, other: Services) -> &mut Self {
+        self.adders.extend(other.adders);
+        self.health_names.extend(other.health_names);
         self
     }
 }
@@ -171,8 +183,12 @@ pub struct Runtime {
 async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr).await.map_err(|source| {
         let hint = match source.kind() {
-            io::ErrorKind::AddrInUse => " (another process uses this port: stop it or choose another port; port 0 picks a free one)",
-            io::ErrorKind::AddrNotAvailable => " (this machine has no such address: use 0.0.0.0 or one of its addresses)",
+            io::ErrorKind::AddrInUse => {
+                " (another process uses this port: stop it or choose another port; port 0 picks a free one)"
+            }
+            io::ErrorKind::AddrNotAvailable => {
+                " (this machine has no such address: use 0.0.0.0 or one of its addresses)"
+            }
             io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose a higher port)",
             _ => "",
         };
@@ -201,7 +217,9 @@ impl Runtime {
                     "--insecure cannot be combined with --tls-cert/--tls-client-ca: choose one".into(),
                 ));
             }
-            tracing::warn!("--insecure: serving plaintext gRPC; every caller is trusted. Never use this outside a laptop");
+            tracing::warn!(
+                "--insecure: serving plaintext gRPC; every caller is trusted. Never use this outside a laptop"
+            );
             None
         } else {
             let files = match (&config.tls_cert, &config.tls_key, &config.tls_client_ca) {
@@ -334,7 +352,10 @@ impl Runtime {
         for name in &health_names {
             health.set_service_status(name, ServingStatus::NotServing).await;
         }
-        let mut routes = services.routes;
+        let mut routes = RoutesBuilder::default();
+        for add in services.adders {
+            add(&mut routes);
+        }
         routes
             .add_service(tonic_health::pb::health_server::HealthServer::from_arc(Arc::new(
                 tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -342,7 +363,10 @@ impl Runtime {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
 
+        // `draining` stops accepting and lets tonic drain; `stopped` ends the admin port and the
+        // certificate watcher afterwards, so probes see /readyz 503 throughout the drain.
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (stopped_tx, stopped_rx) = watch::channel(false);
 
         // The layer stack, outermost first. Order matters:
         let layers = tower::ServiceBuilder::new()
@@ -377,14 +401,17 @@ impl Runtime {
             conn_tx,
             shutdown_rx.clone(),
         ));
-        tokio::spawn(crate::admin::serve(
+        let admin = tokio::spawn(crate::admin::serve(
             admin_listener,
             ctx.metrics.clone(),
             ready.clone(),
-            shutdown_rx.clone(),
+            stopped_rx.clone(),
         ));
         if let Some(tls) = &tls {
-            tokio::spawn(tls.clone().watch(cfg.tls_reload_interval, ctx.metrics.clone(), shutdown_rx.clone()));
+            tokio::spawn(
+                tls.clone()
+                    .watch(cfg.tls_reload_interval, ctx.metrics.clone(), stopped_rx.clone()),
+            );
         }
 
         let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
@@ -436,6 +463,8 @@ impl Runtime {
             }
         };
         let _ = shutdown_tx.send(true);
+        let _ = stopped_tx.send(true);
+        let _ = admin.await;
         telemetry.shutdown().await;
         result.map_err(StartError::Serve)
     }
@@ -546,7 +575,8 @@ fn handshake_reason(e: &io::Error) -> &'static str {
     let msg = e.to_string();
     if msg.contains("peer sent no certificates") || msg.contains("NoCertificatesPresented") {
         "no_client_certificate"
-    } else if msg.contains("UnknownIssuer") || msg.contains("invalid peer certificate") || msg.contains("BadSignature") {
+    } else if msg.contains("UnknownIssuer") || msg.contains("invalid peer certificate") || msg.contains("BadSignature")
+    {
         "untrusted_client_certificate"
     } else if msg.contains("Expired") || msg.contains("NotValidYet") {
         "certificate_validity"

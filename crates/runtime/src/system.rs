@@ -98,7 +98,9 @@ impl SystemApi {
 
     /// GetSystemInfo's answer.
     pub fn system_info(&self) -> SystemInfoResponse {
-        let uptime = SystemTime::now().duration_since(self.inner.start).unwrap_or(Duration::ZERO);
+        let uptime = SystemTime::now()
+            .duration_since(self.inner.start)
+            .unwrap_or(Duration::ZERO);
         SystemInfoResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: uptime.as_secs() as i64,
@@ -120,7 +122,11 @@ impl SystemApi {
             requests_total: self.inner.metrics.requests_total() as i64,
             requests_per_minute: self.inner.metrics.requests_last_minute() as f64,
             active_connections: clamp_i32(self.inner.metrics.connections.get().max(0) as u64),
-            storage_usage_percent: if total > 0 { used as f64 * 100.0 / total as f64 } else { 0.0 },
+            storage_usage_percent: if total > 0 {
+                used as f64 * 100.0 / total as f64
+            } else {
+                0.0
+            },
             last_updated: Some(timestamp(SystemTime::now())),
         }
     }

@@ -77,7 +77,10 @@ pub fn init(filter: &str, format: LogFormat, role: &str) -> Result<Telemetry, St
             .with_resource(
                 Resource::builder()
                     .with_service_name(service_name)
-                    .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                    .with_attribute(opentelemetry::KeyValue::new(
+                        "service.version",
+                        env!("CARGO_PKG_VERSION"),
+                    ))
                     .build(),
             )
             .build();
@@ -215,10 +218,18 @@ where
                     Ok(r) => {
                         // Trailers-only responses carry the status in the headers; others end in
                         // trailers that the metrics layer reads.
-                        let code = r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0");
+                        let code = r
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("0");
                         span.record("rpc.grpc.status_code", code);
                         if code != "0" {
-                            tracing::info!(grpc_status = code, elapsed_ms = started.elapsed().as_millis() as u64, "call failed");
+                            tracing::info!(
+                                grpc_status = code,
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "call failed"
+                            );
                         } else {
                             tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "call answered");
                         }
@@ -274,7 +285,9 @@ where
             rpc.method = %method,
         );
         let cx = span.context();
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(req.headers_mut())));
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut HeaderInjector(req.headers_mut()))
+        });
         let fut = self.inner.call(req);
         Box::pin(fut.instrument(span))
     }
@@ -286,7 +299,10 @@ mod tests {
 
     #[test]
     fn paths_split_into_service_and_method() {
-        assert_eq!(split_path("/peervault.v1.SystemService/GetMetrics"), ("peervault.v1.SystemService", "GetMetrics"));
+        assert_eq!(
+            split_path("/peervault.v1.SystemService/GetMetrics"),
+            ("peervault.v1.SystemService", "GetMetrics")
+        );
         assert_eq!(split_path("/weird"), ("/weird", ""));
     }
 }

@@ -12,8 +12,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::{
     RootCertStore, ServerConfig,
@@ -128,8 +128,7 @@ pub fn ensure_dev_certs(dir: &Path, trust_domain: &str) -> Result<TlsFiles, TlsE
         )));
     }
     fs::create_dir_all(dir).map_err(|e| gen_err(e.to_string()))?;
-    let set = DevCertSet::generate(trust_domain, &local_host_names())
-        .map_err(|e| gen_err(e.to_string()))?;
+    let set = DevCertSet::generate(trust_domain, &local_host_names()).map_err(|e| gen_err(e.to_string()))?;
     write_file(&dir.join(CA_CERT), set.ca_pem.as_bytes(), false).map_err(gen_err)?;
     write_file(&dir.join(SERVER_CERT), set.server_cert_pem.as_bytes(), false).map_err(gen_err)?;
     write_file(&dir.join(SERVER_KEY), set.server_key_pem.as_bytes(), true).map_err(gen_err)?;
@@ -163,9 +162,7 @@ fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), String> {
         opts.mode(if secret { 0o600 } else { 0o644 });
     }
     let tmp = path.with_extension("tmp");
-    let mut f = opts
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut f = opts.open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     f.write_all(data)
         .and_then(|_| f.sync_all())
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -198,14 +195,10 @@ impl DevCertSet {
         server_sans.push(SanType::IpAddress(IpAddr::from([127, 0, 0, 1])));
         server_sans.push(SanType::IpAddress("::1".parse().expect("valid IPv6 literal")));
         for s in SERVICE_NAMES {
-            server_sans.push(SanType::URI(
-                service_spiffe_id(trust_domain, s).try_into()?,
-            ));
+            server_sans.push(SanType::URI(service_spiffe_id(trust_domain, s).try_into()?));
         }
         let (server_cert_pem, server_key_pem) = ca.leaf("peervault-server", server_sans)?;
-        let client_sans = vec![SanType::URI(
-            format!("spiffe://{trust_domain}/client/dev").try_into()?,
-        )];
+        let client_sans = vec![SanType::URI(format!("spiffe://{trust_domain}/client/dev").try_into()?)];
         let (client_cert_pem, client_key_pem) = ca.leaf("peervault-dev-client", client_sans)?;
         Ok(DevCertSet {
             ca_pem: ca.pem(),
@@ -250,14 +243,8 @@ impl CaIssuer {
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, 5);
         let key = KeyPair::generate()?;
@@ -504,8 +491,13 @@ mod tests {
 
     #[test]
     fn errors_name_flag_and_file() {
-        let err = read_certs("--tls-cert", Path::new("/nonexistent/x.crt")).unwrap_err().to_string();
-        assert!(err.contains("--tls-cert") && err.contains("/nonexistent/x.crt"), "{err}");
+        let err = read_certs("--tls-cert", Path::new("/nonexistent/x.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--tls-cert") && err.contains("/nonexistent/x.crt"),
+            "{err}"
+        );
     }
 
     #[test]
