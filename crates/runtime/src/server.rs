@@ -146,6 +146,7 @@ pub struct ServiceContext {
     /// The SystemService implementation, for services that answer system calls too.
     pub system: SystemApi,
     tls: Option<TlsFiles>,
+    draining: watch::Receiver<bool>,
 }
 
 impl ServiceContext {
@@ -153,6 +154,24 @@ impl ServiceContext {
     /// `flag` names where the endpoint came from, for error messages.
     pub fn channel(&self, flag: &'static str, endpoint: &str) -> Result<ServiceChannel, ClientError> {
         service_channel(flag, endpoint, self.tls.as_ref(), Duration::from_secs(5))
+    }
+
+    /// Completes when the process starts to shut down (SIGTERM/SIGINT): background tasks and
+    /// long-lived streams should finish up then.
+    pub async fn draining(&self) {
+        let mut rx = self.draining.clone();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// The TLS files this process uses (None with `--insecure`), for services that run their
+    /// own listeners.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// This process's own gRPC address as other code in it should dial it (`serve all` calls
@@ -170,6 +189,7 @@ impl ServiceContext {
 /// A started process: telemetry on, TLS loaded, ports bound, not yet serving.
 pub struct Runtime {
     ctx: ServiceContext,
+    shutdown_tx: watch::Sender<bool>,
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
@@ -265,6 +285,7 @@ impl Runtime {
         // The overall status starts NOT_SERVING; it flips once every service is registered.
         health.set_service_status("", ServingStatus::NotServing).await;
         let node_id = config.node_id();
+        let (shutdown_tx, draining) = watch::channel(false);
         let system = SystemApi::new(
             metrics.clone(),
             role.to_string(),
@@ -281,9 +302,11 @@ impl Runtime {
             grpc_addr,
             system,
             tls: tls_files,
+            draining,
         };
         Ok(Runtime {
             ctx,
+            shutdown_tx,
             grpc_listener,
             admin_listener,
             admin_addr,
@@ -323,6 +346,7 @@ impl Runtime {
     pub async fn serve_until(self, mut services: Services, signal: impl Future<Output = ()>) -> Result<(), StartError> {
         let Runtime {
             ctx,
+            shutdown_tx,
             grpc_listener,
             admin_listener,
             admin_addr,
@@ -365,7 +389,7 @@ impl Runtime {
 
         // `draining` stops accepting and lets tonic drain; `stopped` ends the admin port and the
         // certificate watcher afterwards, so probes see /readyz 503 throughout the drain.
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shutdown_rx = shutdown_tx.subscribe();
         let (stopped_tx, stopped_rx) = watch::channel(false);
 
         // The layer stack, outermost first. Order matters:
