@@ -132,6 +132,82 @@ pub struct ServeConfig {
     /// Log filter in `tracing` EnvFilter syntax (e.g. `info,peervault_blob=debug`).
     #[arg(long, env = "PEERVAULT_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
+
+    /// How the peer service finds blob pods: `static` (`--peers`), `dns` (`--dns-name`) or
+    /// `kubernetes` (EndpointSlices of `--kube-service`).
+    #[arg(long, env = "PEERVAULT_DISCOVERY", value_enum, default_value = "static")]
+    pub discovery: DiscoveryKind,
+
+    /// Static list of blob pods (`host:port,…`) for `--discovery static`. `serve all` with an
+    /// empty list uses itself.
+    #[arg(long, env = "PEERVAULT_PEERS", value_delimiter = ',', value_name = "HOST:PORT,…")]
+    pub peers: Vec<String>,
+
+    /// DNS name of the blob pods for `--discovery dns`: SRV records give host and port; with
+    /// `--dns-port`, A/AAAA records are used instead.
+    #[arg(long, env = "PEERVAULT_DNS_NAME", value_name = "NAME")]
+    pub dns_name: Option<String>,
+
+    /// gRPC port of the blob pods when `--dns-name` is resolved through A/AAAA records.
+    #[arg(long, env = "PEERVAULT_DNS_PORT", value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT")]
+    pub dns_port: Option<u16>,
+
+    /// How often `--dns-name` is resolved again.
+    #[arg(long, env = "PEERVAULT_DNS_INTERVAL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub dns_interval: Duration,
+
+    /// DNS server (`ip:port`) to resolve `--dns-name` with, instead of the system's resolv.conf.
+    #[arg(long, env = "PEERVAULT_DNS_SERVER", value_name = "IP:PORT")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Headless Service of the blob pods for `--discovery kubernetes` (EndpointSlices labelled
+    /// `kubernetes.io/service-name=<this>`).
+    #[arg(long, env = "PEERVAULT_KUBE_SERVICE", value_name = "NAME")]
+    pub kube_service: Option<String>,
+
+    /// Namespace of `--kube-service` (default: the pod's own namespace).
+    #[arg(long, env = "PEERVAULT_KUBE_NAMESPACE", value_name = "NAMESPACE")]
+    pub kube_namespace: Option<String>,
+
+    /// Name of the EndpointSlice port that is the blob gRPC port (else the slice's first port).
+    #[arg(long, env = "PEERVAULT_KUBE_PORT_NAME", default_value = "grpc", value_name = "NAME")]
+    pub kube_port_name: String,
+
+    /// Interval between two health checks of one peer.
+    #[arg(long, env = "PEERVAULT_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub probe_interval: Duration,
+
+    /// Deadline of one health check (connection included).
+    #[arg(long, env = "PEERVAULT_PROBE_TIMEOUT", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub probe_timeout: Duration,
+
+    /// Consecutive failed checks after which a peer is `down`.
+    #[arg(long, env = "PEERVAULT_PROBE_DOWN_AFTER", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub probe_down_after: u32,
+
+    /// Consecutive passing checks after which a `down` or `degraded` peer is `healthy` again.
+    #[arg(long, env = "PEERVAULT_PROBE_UP_AFTER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub probe_up_after: u32,
+
+    /// A passing check slower than this counts as slow; two slow or failed checks in a row make a
+    /// `healthy` peer `degraded`.
+    #[arg(long, env = "PEERVAULT_PROBE_SLOW", default_value = "500ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub probe_slow: Duration,
+
+    /// Events service, WebSocket gateway, alert thresholds and metrics events.
+    #[command(flatten)]
+    pub events: EventsFlags,
+}
+
+/// Where the peer service learns which blob pods exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryKind {
+    /// The `--peers` list.
+    Static,
+    /// SRV or A/AAAA records of `--dns-name`, re-resolved every `--dns-interval`.
+    Dns,
+    /// EndpointSlices of `--kube-service`, watched.
+    Kubernetes,
 }
 
 impl ServeConfig {
@@ -149,6 +225,93 @@ impl ServeConfig {
 /// Parses `30s`, `500ms`, `2m` and the like.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
+}
+
+/// Flags of the events service (its WebSocket gateway, replay buffer and alert rules) and of
+/// the metrics events every role publishes. The `--ws-*` flags are the published
+/// `PEERVAULT_WS_*` settings; unset ones fall back to `--events-config`, then to the defaults
+/// shown. The WebSocket gateway listens on `--http-listen`; `--ws-host`/`--ws-port` override its
+/// host or port.
+#[derive(Debug, Clone, Args)]
+pub struct EventsFlags {
+    /// YAML file with the published `websocket:` section (port, host, cors, timeouts, limits) and
+    /// optional `events:` and `alerts:` sections. Flags and environment variables win over it.
+    #[arg(long, env = "PEERVAULT_EVENTS_CONFIG", value_name = "FILE")]
+    pub events_config: Option<PathBuf>,
+
+    /// Host (name or address) of the WebSocket gateway; overrides the host of `--http-listen`.
+    #[arg(long, env = "PEERVAULT_WS_HOST", value_name = "HOST")]
+    pub ws_host: Option<String>,
+
+    /// Port of the WebSocket gateway; overrides the port of `--http-listen`.
+    #[arg(long, env = "PEERVAULT_WS_PORT", value_name = "PORT")]
+    pub ws_port: Option<u16>,
+
+    /// Origins allowed to open WebSockets, comma-separated, or `*` for all [default: `*` with
+    /// development certificates or --insecure, else same-origin only].
+    #[arg(long, env = "PEERVAULT_WS_CORS_ORIGINS", value_name = "ORIGINS")]
+    pub ws_cors_origins: Option<String>,
+
+    /// Time allowed to send the upgrade request, and the auth message when token auth is on [default: 30s].
+    #[arg(long, env = "PEERVAULT_WS_READ_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub ws_read_timeout: Option<Duration>,
+
+    /// Time allowed for each write to a client; a client that does not read is closed [default: 30s].
+    #[arg(long, env = "PEERVAULT_WS_WRITE_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub ws_write_timeout: Option<Duration>,
+
+    /// Interval of server pings [default: 54s].
+    #[arg(long, env = "PEERVAULT_WS_PING_PERIOD", value_parser = parse_duration, value_name = "DURATION")]
+    pub ws_ping_period: Option<Duration>,
+
+    /// A connection that sends nothing (not even a pong) for this long is closed [default: 60s].
+    #[arg(long, env = "PEERVAULT_WS_PONG_WAIT", value_parser = parse_duration, value_name = "DURATION")]
+    pub ws_pong_wait: Option<Duration>,
+
+    /// Most concurrent WebSocket connections [default: 1000].
+    #[arg(long, env = "PEERVAULT_WS_MAX_CONNECTIONS", value_name = "N")]
+    pub ws_max_connections: Option<u32>,
+
+    /// Largest message a client may send, in bytes [default: 1048576].
+    #[arg(long, env = "PEERVAULT_WS_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub ws_max_message_size: Option<u32>,
+
+    /// Messages per second a client may send [default: 100].
+    #[arg(long, env = "PEERVAULT_WS_MESSAGES_PER_SECOND", value_name = "N")]
+    pub ws_messages_per_second: Option<u32>,
+
+    /// Events the events service keeps for replay (Subscribe with since_sequence) [default: 10000].
+    #[arg(long, env = "PEERVAULT_EVENTS_REPLAY_BUFFER", value_name = "N")]
+    pub events_replay_buffer: Option<u32>,
+
+    /// Events a subscriber may fall behind before it is told it lagged [default: 1024].
+    #[arg(long, env = "PEERVAULT_EVENTS_SUBSCRIBER_QUEUE", value_name = "N")]
+    pub events_subscriber_queue: Option<u32>,
+
+    /// How often each service publishes system, storage, network and performance metrics
+    /// events; 0s turns them off.
+    #[arg(long, env = "PEERVAULT_METRICS_INTERVAL", default_value = "15s", value_parser = parse_duration, value_name = "DURATION")]
+    pub metrics_interval: Duration,
+
+    /// Storage usage (percent of capacity) that raises a storage_alert [default: 90].
+    #[arg(long, env = "PEERVAULT_ALERT_STORAGE_USAGE_PERCENT", value_name = "PERCENT")]
+    pub alert_storage_usage_percent: Option<f64>,
+
+    /// Memory usage (percent of the limit) that raises a performance_alert [default: 90].
+    #[arg(long, env = "PEERVAULT_ALERT_MEMORY_USAGE_PERCENT", value_name = "PERCENT")]
+    pub alert_memory_usage_percent: Option<f64>,
+
+    /// Replication backlog (items waiting) that raises a storage_alert [default: 1000].
+    #[arg(long, env = "PEERVAULT_ALERT_REPLICATION_BACKLOG", value_name = "N")]
+    pub alert_replication_backlog: Option<f64>,
+
+    /// Authentication failures within --alert-auth-failure-window that raise a security_alert [default: 10].
+    #[arg(long, env = "PEERVAULT_ALERT_AUTH_FAILURES", value_name = "N")]
+    pub alert_auth_failures: Option<u32>,
+
+    /// Window for --alert-auth-failures [default: 60s].
+    #[arg(long, env = "PEERVAULT_ALERT_AUTH_FAILURE_WINDOW", value_parser = parse_duration, value_name = "DURATION")]
+    pub alert_auth_failure_window: Option<Duration>,
 }
 
 #[cfg(test)]
