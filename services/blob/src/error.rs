@@ -6,6 +6,30 @@ use tonic::Status;
 /// Everything that can go wrong in the blob service.
 #[derive(Debug, Error)]
 pub enum BlobError {
+    /// The request is malformed (bad key, bad offsets, checksum mismatch, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No such file, blob or upload.
+    #[error("{0}")]
+    NotFound(String),
+    /// A byte range outside the object.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The storage quota would be exceeded.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The operation conflicts with the current state (e.g. deleting a blob a file uses).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A stored chunk failed its hash check or is missing.
+    #[error("{0}")]
+    DataLoss(String),
+    /// The client went away or the stream broke.
+    #[error("{0}")]
+    Aborted(String),
+    /// The store is shutting down or overloaded.
+    #[error("{0}")]
+    Unavailable(String),
     /// A call that must be forwarded has nowhere to go.
     #[error("{service} service is not configured: start this node with {flag} HOST:PORT")]
     NoUpstream {
@@ -17,23 +41,93 @@ pub enum BlobError {
     /// A channel to another service could not be built.
     #[error(transparent)]
     Client(#[from] peervault_runtime::client::ClientError),
+    /// The index failed.
+    #[error("index: {0}")]
+    Index(#[from] redb::Error),
+    /// The file system failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A stored record could not be decoded.
+    #[error("corrupt index record: {0}")]
+    Corrupt(String),
 }
 
 impl BlobError {
     /// A bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
+            BlobError::InvalidArgument(_) => "invalid_argument",
+            BlobError::NotFound(_) => "not_found",
+            BlobError::OutOfRange(_) => "out_of_range",
+            BlobError::QuotaExceeded(_) => "quota_exceeded",
+            BlobError::FailedPrecondition(_) => "failed_precondition",
+            BlobError::DataLoss(_) => "data_loss",
+            BlobError::Aborted(_) => "aborted",
+            BlobError::Unavailable(_) => "unavailable",
             BlobError::NoUpstream { .. } => "no_upstream",
             BlobError::Client(_) => "client",
+            BlobError::Index(_) => "index",
+            BlobError::Io { .. } => "io",
+            BlobError::Corrupt(_) => "corrupt",
+        }
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        BlobError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Shorthand for [`BlobError::InvalidArgument`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        BlobError::InvalidArgument(msg.into())
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for BlobError {
+            fn from(e: $t) -> Self {
+                BlobError::Index(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+impl From<BlobError> for Status {
+    fn from(e: BlobError) -> Status {
+        let msg = e.to_string();
+        match e {
+            BlobError::InvalidArgument(_) => Status::invalid_argument(msg),
+            BlobError::NotFound(_) => Status::not_found(msg),
+            BlobError::OutOfRange(_) => Status::out_of_range(msg),
+            BlobError::QuotaExceeded(_) => Status::resource_exhausted(msg),
+            BlobError::FailedPrecondition(_) | BlobError::NoUpstream { .. } => Status::failed_precondition(msg),
+            BlobError::DataLoss(_) => Status::data_loss(msg),
+            BlobError::Aborted(_) => Status::aborted(msg),
+            BlobError::Unavailable(_) => Status::unavailable(msg),
+            BlobError::Client(_) | BlobError::Index(_) | BlobError::Io { .. } | BlobError::Corrupt(_) => {
+                // Internal details go to the log; the caller gets a stable message.
+                tracing::error!(error = %msg, "internal storage error");
+                Status::internal(format!("internal storage error: {msg}"))
+            }
         }
     }
 }
 
-impl From<BlobError> for Status {
-    fn from(e: BlobError) -> Status {
-        match &e {
-            BlobError::NoUpstream { .. } => Status::failed_precondition(e.to_string()),
-            BlobError::Client(_) => Status::internal(e.to_string()),
-        }
-    }
-}
+/// Result with [`BlobError`].
+pub type Result<T, E = BlobError> = std::result::Result<T, E>;

@@ -1,18 +1,23 @@
-//! The blob service: PeerVault's data plane. It hosts the file and blob APIs and
-//! PeerVaultService, the PeerVault API as one service.
-//!
-//! Storage, FileService, BlobService and UploadService land with the blob-service issue; until
-//! then their calls answer UNIMPLEMENTED through the same router, auth and metrics. What is here
-//! now is PeerVaultService's routing: system calls answered locally, peer calls forwarded to the
-//! peer service, event streams forwarded from the events service.
+//! The blob service: PeerVault's data plane. A durable content-addressed store ([`store`]) and
+//! its gRPC adapters: FileService, BlobService, UploadService and PeerVaultService (the
+//! PeerVault API on one address: file calls served here, peer calls forwarded to the peer
+//! service, event streams relayed from the events service).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod error;
+pub mod grpc;
+pub mod metrics;
 pub mod peervault_api;
+pub mod store;
+pub mod validate;
 
-use peervault_runtime::{ServiceContext, Services, configure_service};
+use std::sync::Arc;
 
+use peervault_runtime::{ServiceContext, Services, configure_service, system::SystemStats};
+
+pub use config::BlobConfig;
 pub use error::BlobError;
 
 /// Where the services blob forwards to.
@@ -30,27 +35,59 @@ impl Upstreams {
     pub fn from_context(ctx: &ServiceContext, hosts_peer: bool, hosts_events: bool) -> Upstreams {
         let own = ctx.self_endpoint();
         Upstreams {
-            peer: ctx
-                .config
-                .peer_endpoint
-                .clone()
-                .or_else(|| hosts_peer.then(|| own.clone())),
-            events: ctx
-                .config
-                .events_endpoint
-                .clone()
-                .or_else(|| hosts_events.then(|| own.clone())),
+            peer: ctx.config.peer_endpoint.clone().or_else(|| hosts_peer.then(|| own.clone())),
+            events: ctx.config.events_endpoint.clone().or_else(|| hosts_events.then(|| own.clone())),
         }
     }
 }
 
-/// The blob role's gRPC services.
-pub fn services(ctx: &ServiceContext, upstreams: Upstreams) -> Result<Services, BlobError> {
-    let api = peervault_api::PeerVaultApi::new(ctx, upstreams)?;
+struct StoreStatsSource(store::Store);
+
+impl SystemStats for StoreStatsSource {
+    fn storage_used(&self) -> u64 {
+        self.0.stats().storage_used
+    }
+    fn storage_total(&self) -> u64 {
+        let s = self.0.stats();
+        if s.quota > 0 { s.quota } else { self.0.volume_size() }
+    }
+    fn file_count(&self) -> u64 {
+        self.0.stats().files
+    }
+}
+
+/// Opens the store under `<data-dir>/blob`, starts its background workers and returns the blob
+/// role's gRPC services.
+pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstreams) -> Result<Services, BlobError> {
+    let metrics = metrics::BlobMetrics::new(Some(&ctx.metrics.registry))
+        .map_err(|e| BlobError::Unavailable(format!("metrics: {e}")))?;
+    let root = ctx.config.data_dir.join("blob");
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&root, cfg, metrics))
+        .await
+        .map_err(|e| BlobError::Unavailable(format!("opening the store failed: {e}")))??;
+    ctx.system.add_stats(Arc::new(StoreStatsSource(store.clone())));
+    grpc::spawn_gc(ctx.clone(), store.clone());
+    let events = peervault_events_client::EventPublisher::start(ctx, upstreams.events.as_slice())
+        .map_err(|e| BlobError::Unavailable(format!("events publisher: {e}")))?;
+    let api = grpc::BlobApi::new(store, events, ctx.node_id.clone(), ctx.grpc_addr);
+    let forward = peervault_api::PeerVaultApi::new(ctx, upstreams, api.clone())?;
+    let max = ctx.config.max_message_size as usize;
     let mut s = Services::new();
     s.add(configure_service!(
-        peervault_proto::v1::peer_vault_service_server::PeerVaultServiceServer::new(api),
-        ctx.config.max_message_size as usize
+        peervault_proto::v1::file_service_server::FileServiceServer::new(api.clone()),
+        max
+    ));
+    s.add(configure_service!(
+        peervault_proto::v1::blob_service_server::BlobServiceServer::new(api.clone()),
+        max
+    ));
+    s.add(configure_service!(
+        peervault_proto::v1::upload_service_server::UploadServiceServer::new(api),
+        max
+    ));
+    s.add(configure_service!(
+        peervault_proto::v1::peer_vault_service_server::PeerVaultServiceServer::new(forward),
+        max
     ));
     Ok(s)
 }

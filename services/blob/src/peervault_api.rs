@@ -1,21 +1,24 @@
-//! PeerVaultService: the published PeerVault API on one address. System calls are answered by
-//! the runtime's SystemService code, peer calls are forwarded to the peer service and event
+//! PeerVaultService: the published PeerVault API on one address. File calls are served by the
+//! same code as FileService, system calls by the runtime's SystemService code, peer calls are
+//! forwarded to the peer service and event
 //! streams are relayed from the events service, each with the caller's deadline and the trace
 //! context carried along.
 
 use peervault_proto::v1::{
-    AddPeerRequest, FileOperationEvent, HealthResponse, ListPeersResponse, MetricsResponse, PeerEvent,
+    AddPeerRequest, DeleteFileResponse, FileChunk, FileOperationEvent, FileRequest, FileResponse, ListFilesRequest,
+    ListFilesResponse, UpdateFileMetadataRequest, HealthResponse, ListPeersResponse, MetricsResponse, PeerEvent,
     PeerHealthResponse, PeerRequest, PeerResponse, RemovePeerResponse, SystemEvent, SystemInfoResponse,
     event_service_client::EventServiceClient, peer_service_client::PeerServiceClient,
     peer_vault_service_server::PeerVaultService,
 };
 use peervault_runtime::{ServiceContext, client::ServiceChannel, system::SystemApi};
-use tonic::{Request, Response, Status, codegen::BoxStream};
+use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 
-use crate::{BlobError, Upstreams};
+use crate::{BlobError, Upstreams, grpc::BlobApi};
 
 /// The PeerVaultService implementation.
 pub struct PeerVaultApi {
+    files: BlobApi,
     system: SystemApi,
     peer: Result<PeerServiceClient<ServiceChannel>, BlobError>,
     events: Result<EventServiceClient<ServiceChannel>, BlobError>,
@@ -37,11 +40,12 @@ fn upstream(
 impl PeerVaultApi {
     /// Builds the service; channels connect lazily, so an upstream that is down does not stop
     /// start-up (its calls answer UNAVAILABLE until it is back).
-    pub fn new(ctx: &ServiceContext, upstreams: Upstreams) -> Result<Self, BlobError> {
+    pub fn new(ctx: &ServiceContext, upstreams: Upstreams, files: BlobApi) -> Result<Self, BlobError> {
         let peer = upstream(ctx, &upstreams.peer, "peer", "--peer-endpoint")?.map(PeerServiceClient::new);
         let events = upstream(ctx, &upstreams.events, "events", "--events-endpoint")?.map(EventServiceClient::new);
         tracing::info!(peer = ?upstreams.peer, events = ?upstreams.events, "PeerVaultService upstreams");
         Ok(PeerVaultApi {
+            files,
             system: ctx.system.clone(),
             peer,
             events,
@@ -82,6 +86,38 @@ fn relay<T: Send + 'static>(resp: Response<tonic::Streaming<T>>) -> Response<Box
 
 #[tonic::async_trait]
 impl PeerVaultService for PeerVaultApi {
+    async fn upload_file(&self, req: Request<Streaming<FileChunk>>) -> Result<Response<FileResponse>, Status> {
+        Ok(Response::new(self.files.upload_file_stream(req.into_inner()).await?))
+    }
+
+    async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
+        Ok(Response::new(self.files.download_file_stream(&req.into_inner().key)?))
+    }
+
+    async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
+        let api = self.files.clone();
+        let req = req.into_inner();
+        let r = tokio::task::spawn_blocking(move || api.list_files_page(req))
+            .await
+            .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
+        Ok(Response::new(r))
+    }
+
+    async fn get_file(&self, req: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
+        Ok(Response::new(self.files.get(&req.into_inner().key)?))
+    }
+
+    async fn delete_file(&self, req: Request<FileRequest>) -> Result<Response<DeleteFileResponse>, Status> {
+        Ok(Response::new(self.files.delete(&req.into_inner().key).await?))
+    }
+
+    async fn update_file_metadata(
+        &self,
+        req: Request<UpdateFileMetadataRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        Ok(Response::new(self.files.update_metadata(req.into_inner()).await?))
+    }
+
     async fn list_peers(&self, req: Request<()>) -> Result<Response<ListPeersResponse>, Status> {
         self.peer()?.list_peers(forward(req)).await
     }

@@ -1,0 +1,193 @@
+//! BlobService (Graviton): ranged reads, stat, delete and listing of content-addressed blobs.
+
+use bytes::Bytes;
+use peervault_proto::v1::{
+    BlobChunk, BlobMetadata, DeleteBlobRequest, DeleteBlobResponse, GetBlobRequest, ListBlobsRequest,
+    StatBlobRequest, blob_service_server::BlobService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, codegen::BoxStream};
+
+use super::{BlobApi, STREAM_BUFFER, files::split, timestamp};
+use crate::{
+    error::BlobError,
+    store::{hex, records::BlobRec},
+    validate,
+};
+
+/// Blobs read from the index per page while streaming ListBlobs.
+const LIST_PAGE: usize = 1000;
+
+fn metadata(key: &[u8; 32], b: &BlobRec) -> BlobMetadata {
+    BlobMetadata {
+        key: Bytes::copy_from_slice(key),
+        size: b.size as i64,
+        content_type: b.content_type.clone(),
+        attributes: b.attributes.clone(),
+        created_at: Some(timestamp(b.created_ns)),
+    }
+}
+
+/// The byte range [start, end) of a blob of `size` bytes, checked.
+pub(crate) fn resolve_range(size: u64, start: i64, end: Option<i64>) -> Result<(u64, u64), BlobError> {
+    if start < 0 || end.is_some_and(|e| e < 0) {
+        return Err(BlobError::invalid("range bounds must not be negative"));
+    }
+    let start = start as u64;
+    if start > size {
+        return Err(BlobError::OutOfRange(format!(
+            "range starts at {start}, past the end of the blob ({size} bytes)"
+        )));
+    }
+    let end = end.map(|e| e as u64).unwrap_or(size);
+    if end < start {
+        return Err(BlobError::invalid(format!(
+            "inverted range: end {end} is before start {start}"
+        )));
+    }
+    if end > size {
+        return Err(BlobError::OutOfRange(format!(
+            "range {start}..{end} reaches past the end of the blob ({size} bytes)"
+        )));
+    }
+    Ok((start, end))
+}
+
+impl BlobApi {
+    fn get_blob_stream(&self, req: GetBlobRequest) -> Result<BoxStream<BlobChunk>, Status> {
+        let key = validate::blob_key(&req.key).map_err(Status::from)?;
+        let blob = self.store.get_blob(&key).map_err(Status::from)?;
+        let (start, end) = match &req.range {
+            Some(r) => resolve_range(blob.size, r.start, r.end).map_err(Status::from)?,
+            None => (0, blob.size),
+        };
+        let pin = self.store.pin_blob(&blob);
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel::<Result<BlobChunk, Status>>(STREAM_BUFFER);
+        tokio::spawn(async move {
+            let _pin = pin;
+            let mut chunk_start = 0u64;
+            for (h, &size) in blob.chunk_hashes.iter().zip(&blob.chunk_sizes) {
+                let chunk_end = chunk_start + size as u64;
+                if chunk_end <= start || chunk_start >= end {
+                    chunk_start = chunk_end;
+                    continue;
+                }
+                let Ok(hash) = <[u8; 32]>::try_from(h.as_slice()) else {
+                    let _ = tx.send(Err(Status::data_loss("corrupt chunk reference"))).await;
+                    return;
+                };
+                let s = store.clone();
+                let data = match tokio::task::spawn_blocking(move || s.read_chunk(&hash, size)).await {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("read task failed: {e}")))).await;
+                        return;
+                    }
+                };
+                let from = start.max(chunk_start) - chunk_start;
+                let to = end.min(chunk_end) - chunk_start;
+                let mut offset = chunk_start + from;
+                for piece in split(data.slice(from as usize..to as usize)) {
+                    let len = piece.len() as u64;
+                    if tx
+                        .send(Ok(BlobChunk {
+                            data: piece,
+                            offset: offset as i64,
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    offset += len;
+                }
+                chunk_start = chunk_end;
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl BlobService for BlobApi {
+    async fn get_blob(&self, req: Request<GetBlobRequest>) -> Result<Response<BoxStream<BlobChunk>>, Status> {
+        Ok(Response::new(self.get_blob_stream(req.into_inner())?))
+    }
+
+    async fn stat_blob(&self, req: Request<StatBlobRequest>) -> Result<Response<BlobMetadata>, Status> {
+        let key = validate::blob_key(&req.into_inner().key).map_err(Status::from)?;
+        let b = self.store.get_blob(&key).map_err(Status::from)?;
+        Ok(Response::new(metadata(&key, &b)))
+    }
+
+    async fn delete_blob(&self, req: Request<DeleteBlobRequest>) -> Result<Response<DeleteBlobResponse>, Status> {
+        let key = validate::blob_key(&req.into_inner().key).map_err(Status::from)?;
+        let freed = self.store.delete_blob(key).await.map_err(Status::from)?;
+        tracing::info!(blob = %hex(&key), freed, "blob deleted");
+        Ok(Response::new(DeleteBlobResponse {
+            deleted: true,
+            freed_bytes: freed as i64,
+        }))
+    }
+
+    async fn list_blobs(&self, req: Request<ListBlobsRequest>) -> Result<Response<BoxStream<BlobMetadata>>, Status> {
+        let req = req.into_inner();
+        let limit = req.limit as usize;
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel::<Result<BlobMetadata, Status>>(STREAM_BUFFER * 16);
+        tokio::spawn(async move {
+            let mut after = req.start_after.to_vec();
+            let mut sent = 0usize;
+            loop {
+                let page = if limit == 0 { LIST_PAGE } else { (limit - sent).min(LIST_PAGE) };
+                let (s, prefix, a) = (store.clone(), req.prefix.to_vec(), after.clone());
+                let batch = match tokio::task::spawn_blocking(move || s.list_blobs(&prefix, &a, page)).await {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("list task failed: {e}")))).await;
+                        return;
+                    }
+                };
+                let done = batch.len() < page;
+                for (k, b) in &batch {
+                    if tx.send(Ok(metadata(k, b))).await.is_err() {
+                        return;
+                    }
+                    sent += 1;
+                }
+                match batch.last() {
+                    Some((k, _)) if !done && (limit == 0 || sent < limit) => after = k.to_vec(),
+                    _ => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(resolve_range(10, 0, None).unwrap(), (0, 10));
+        assert_eq!(resolve_range(10, 3, Some(7)).unwrap(), (3, 7));
+        assert_eq!(resolve_range(10, 10, None).unwrap(), (10, 10));
+        assert_eq!(resolve_range(0, 0, None).unwrap(), (0, 0));
+        assert!(matches!(resolve_range(10, 11, None), Err(BlobError::OutOfRange(_))));
+        assert!(matches!(resolve_range(10, 0, Some(11)), Err(BlobError::OutOfRange(_))));
+        assert!(matches!(resolve_range(10, 7, Some(3)), Err(BlobError::InvalidArgument(_))));
+        assert!(matches!(resolve_range(10, -1, None), Err(BlobError::InvalidArgument(_))));
+    }
+}

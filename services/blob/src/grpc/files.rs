@@ -1,0 +1,382 @@
+//! FileService: the PeerVault file operations.
+
+use bytes::Bytes;
+use peervault_proto::v1::{
+    DeleteFileResponse, FileChunk, FileRequest, FileResponse, ListFilesRequest, ListFilesResponse,
+    UpdateFileMetadataRequest, file_service_server::FileService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
+
+use super::{BlobApi, MAX_FRAME, STREAM_BUFFER};
+use crate::{
+    error::BlobError,
+    store::{MetadataPatch, hex, now_ns, records::FileRec},
+    validate,
+};
+
+/// Default and largest page of ListFiles.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+fn status(e: BlobError) -> Status {
+    e.into()
+}
+
+impl BlobApi {
+    /// UploadFile: a client stream of contiguous chunks ending with `is_last`.
+    pub async fn upload_file_stream(&self, mut stream: Streaming<FileChunk>) -> Result<FileResponse, Status> {
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload: send FileChunk messages ending with is_last"))?;
+        let key = first.file_key.clone();
+        validate::file_key(&key).map_err(status)?;
+        validate::metadata(&first.metadata).map_err(status)?;
+        validate::short_text("name", &first.name).map_err(status)?;
+        validate::short_text("content_type", &first.content_type).map_err(status)?;
+        let expected_hash = first.expected_hash.clone();
+        let name = if first.name.is_empty() {
+            key.rsplit('/').next().unwrap_or(&key).to_string()
+        } else {
+            first.name.clone()
+        };
+        let content_type = if first.content_type.is_empty() {
+            validate::sniff_content_type(&name).to_string()
+        } else {
+            first.content_type.clone()
+        };
+        let metadata = first.metadata.clone();
+        let mut ingest = Some(self.store.ingest(None).map_err(status)?);
+        let mut next = Some(first);
+        let mut offset: i64 = 0;
+        let mut saw_last = false;
+        loop {
+            let msg = match next.take() {
+                Some(m) => m,
+                None => match stream.message().await? {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            if saw_last {
+                return Err(Status::invalid_argument("data after the chunk marked is_last; nothing was stored"));
+            }
+            if !msg.file_key.is_empty() && msg.file_key != key {
+                return Err(Status::invalid_argument(format!(
+                    "chunk for key '{}' in an upload of '{key}': one stream uploads one file; nothing was stored",
+                    msg.file_key
+                )));
+            }
+            if msg.offset != offset {
+                return Err(Status::invalid_argument(format!(
+                    "chunk offset {} but {offset} bytes were received: offsets must be contiguous ({}); nothing was stored",
+                    msg.offset,
+                    if msg.offset > offset { "gap" } else { "overlap" }
+                )));
+            }
+            if !msg.checksum.is_empty() {
+                let got = blake3::hash(&msg.data);
+                if !msg.checksum.eq_ignore_ascii_case(&got.to_hex()) {
+                    return Err(Status::invalid_argument(format!(
+                        "checksum mismatch for the chunk at offset {offset}: expected {}, data hashes to {} (BLAKE3, hex); nothing was stored",
+                        msg.checksum,
+                        got.to_hex()
+                    )));
+                }
+            }
+            offset += msg.data.len() as i64;
+            saw_last = msg.is_last;
+            if !msg.data.is_empty() {
+                let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
+                let data = msg.data;
+                ing = tokio::task::spawn_blocking(move || ing.write(&data).map(|_| ing))
+                    .await
+                    .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+                    .map_err(status)?;
+                ingest = Some(ing);
+            }
+        }
+        if !saw_last {
+            return Err(Status::invalid_argument(
+                "the stream ended before a chunk marked is_last: the upload is incomplete and nothing was stored",
+            ));
+        }
+        let ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
+        let (finished, _) = tokio::task::spawn_blocking(move || ing.finish())
+            .await
+            .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+            .map_err(status)?;
+        if !expected_hash.is_empty() {
+            let got = hex(&finished.blob.key);
+            if !expected_hash.eq_ignore_ascii_case(&got) {
+                finished.discard(&self.store);
+                return Err(Status::invalid_argument(format!(
+                    "content hashes to {got} but expected_hash is {expected_hash} (BLAKE3, hex); nothing was stored"
+                )));
+            }
+        }
+        let elapsed = finished.elapsed();
+        let now = now_ns();
+        let rec = FileRec {
+            key: key.clone(),
+            blob_key: vec![],
+            size: 0,
+            content_type,
+            name,
+            metadata,
+            created_ns: now,
+            updated_ns: now,
+        };
+        let (stored, _old) = self.store.put_file(rec, finished).await.map_err(status)?;
+        self.store
+            .metrics()
+            .upload_duration
+            .with_label_values(&["file"])
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(key = %stored.key, size = stored.size, hash = %hex(&stored.blob_key), "file stored");
+        self.publish_file_event("file_uploaded", "upload", &stored);
+        Ok(self.file_response(&stored))
+    }
+
+    /// DownloadFile: the content as a stream of chunks with offsets, the last flagged.
+    pub fn download_file_stream(&self, key: &str) -> Result<BoxStream<FileChunk>, Status> {
+        validate::file_key(key).map_err(status)?;
+        let (f, blob) = self.store.get_file_and_blob(key).map_err(status)?;
+        let pin = self.store.pin_blob(&blob);
+        let (tx, rx) = mpsc::channel::<Result<FileChunk, Status>>(STREAM_BUFFER);
+        let store = self.store.clone();
+        let key = f.key.clone();
+        tokio::spawn(async move {
+            let _pin = pin;
+            let n = blob.chunk_hashes.len();
+            if n == 0 {
+                let _ = tx
+                    .send(Ok(FileChunk {
+                        file_key: key.clone(),
+                        is_last: true,
+                        ..Default::default()
+                    }))
+                    .await;
+                return;
+            }
+            let mut offset = 0i64;
+            for (i, (h, &size)) in blob.chunk_hashes.iter().zip(&blob.chunk_sizes).enumerate() {
+                let Ok(hash) = <[u8; 32]>::try_from(h.as_slice()) else {
+                    let _ = tx.send(Err(Status::data_loss("corrupt chunk reference"))).await;
+                    return;
+                };
+                let s = store.clone();
+                let data = match tokio::task::spawn_blocking(move || s.read_chunk(&hash, size)).await {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("read task failed: {e}")))).await;
+                        return;
+                    }
+                };
+                let whole = data.len() <= MAX_FRAME;
+                let pieces = split(data);
+                let last_piece = pieces.len() - 1;
+                for (j, piece) in pieces.into_iter().enumerate() {
+                    let len = piece.len() as i64;
+                    let msg = FileChunk {
+                        file_key: key.clone(),
+                        data: piece,
+                        offset,
+                        is_last: i == n - 1 && j == last_piece,
+                        // The chunk's stored hash doubles as the message checksum when a chunk
+                        // travels in one message.
+                        checksum: if whole { hex(&hash) } else { String::new() },
+                        ..Default::default()
+                    };
+                    offset += len;
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// ListFiles.
+    pub fn list_files_page(&self, req: ListFilesRequest) -> Result<ListFilesResponse, Status> {
+        let size = match req.page_size {
+            n if n <= 0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(decode_token(&req.page_token)?)
+        };
+        let mut after = after;
+        // The published API pages by number; tokens are cheaper, numbers still work.
+        if after.is_none() && req.page > 1 {
+            let skip = (req.page as usize - 1).saturating_mul(size);
+            let (skipped, _) = self
+                .store
+                .list_files(&req.prefix, None, skip)
+                .map_err(status)?;
+            if skipped.len() < skip {
+                return Ok(ListFilesResponse {
+                    files: vec![],
+                    total: self.store.count_files(&req.prefix).map_err(status)? as i32,
+                    page: req.page,
+                    page_size: size as i32,
+                    next_page_token: String::new(),
+                });
+            }
+            after = skipped.last().map(|f| f.key.clone());
+        }
+        let (files, more) = self
+            .store
+            .list_files(&req.prefix, after.as_deref(), size)
+            .map_err(status)?;
+        let files: Vec<_> = files
+            .into_iter()
+            .filter(|f| req.filter.is_empty() || f.key.contains(&req.filter))
+            .collect();
+        let next = if more {
+            files.last().map(|f| encode_token(&f.key)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListFilesResponse {
+            total: self.store.count_files(&req.prefix).map_err(status)?.min(i32::MAX as u64) as i32,
+            page: req.page.max(1),
+            page_size: size as i32,
+            files: files.iter().map(|f| self.file_response(f)).collect(),
+            next_page_token: next,
+        })
+    }
+
+    /// UpdateFileMetadata.
+    pub async fn update_metadata(&self, req: UpdateFileMetadataRequest) -> Result<FileResponse, Status> {
+        validate::file_key(&req.key).map_err(status)?;
+        validate::metadata(&req.metadata).map_err(status)?;
+        if let Some(n) = &req.name {
+            validate::short_text("name", n).map_err(status)?;
+        }
+        if let Some(ct) = &req.content_type {
+            validate::short_text("content_type", ct).map_err(status)?;
+        }
+        let patch = MetadataPatch {
+            set: req.metadata,
+            replace: req.replace,
+            remove: req.remove_keys,
+            name: req.name,
+            content_type: req.content_type,
+        };
+        let f = self.store.update_file(&req.key, patch).await.map_err(status)?;
+        self.publish_file_event("file_updated", "update", &f);
+        Ok(self.file_response(&f))
+    }
+
+    /// DeleteFile.
+    pub async fn delete(&self, key: &str) -> Result<DeleteFileResponse, Status> {
+        validate::file_key(key).map_err(status)?;
+        let f = self.store.delete_file(key).await.map_err(status)?;
+        tracing::info!(key = %key, "file deleted");
+        self.publish_file_event("file_deleted", "delete", &f);
+        Ok(DeleteFileResponse {
+            success: true,
+            message: format!("deleted '{key}'"),
+        })
+    }
+
+    /// GetFile.
+    pub fn get(&self, key: &str) -> Result<FileResponse, Status> {
+        validate::file_key(key).map_err(status)?;
+        let f = self.store.get_file(key).map_err(status)?;
+        Ok(self.file_response(&f))
+    }
+}
+
+/// Splits a chunk into message-sized slices without copying.
+pub(super) fn split(data: Bytes) -> Vec<Bytes> {
+    if data.len() <= MAX_FRAME {
+        return vec![data];
+    }
+    (0..data.len())
+        .step_by(MAX_FRAME)
+        .map(|i| data.slice(i..(i + MAX_FRAME).min(data.len())))
+        .collect()
+}
+
+fn encode_token(key: &str) -> String {
+    hex(key.as_bytes())
+}
+
+fn decode_token(token: &str) -> Result<String, Status> {
+    let bad = || Status::invalid_argument("page_token is not one this server issued: start again without it");
+    if !token.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    let bytes: Result<Vec<u8>, _> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect();
+    String::from_utf8(bytes.map_err(|_| bad())?).map_err(|_| bad())
+}
+
+#[tonic::async_trait]
+impl FileService for BlobApi {
+    async fn upload_file(&self, req: Request<Streaming<FileChunk>>) -> Result<Response<FileResponse>, Status> {
+        Ok(Response::new(self.upload_file_stream(req.into_inner()).await?))
+    }
+
+    async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
+        Ok(Response::new(self.download_file_stream(&req.into_inner().key)?))
+    }
+
+    async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
+        let api = self.clone();
+        let req = req.into_inner();
+        let r = tokio::task::spawn_blocking(move || api.list_files_page(req))
+            .await
+            .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
+        Ok(Response::new(r))
+    }
+
+    async fn get_file(&self, req: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
+        Ok(Response::new(self.get(&req.into_inner().key)?))
+    }
+
+    async fn delete_file(&self, req: Request<FileRequest>) -> Result<Response<DeleteFileResponse>, Status> {
+        Ok(Response::new(self.delete(&req.into_inner().key).await?))
+    }
+
+    async fn update_file_metadata(
+        &self,
+        req: Request<UpdateFileMetadataRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        Ok(Response::new(self.update_metadata(req.into_inner()).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_reject_garbage() {
+        let t = encode_token("a/b ü");
+        assert_eq!(decode_token(&t).unwrap(), "a/b ü");
+        assert!(decode_token("xyz").is_err());
+        assert!(decode_token("zz").is_err());
+    }
+
+    #[test]
+    fn split_keeps_bytes_in_order() {
+        let data = Bytes::from(vec![7u8; MAX_FRAME * 2 + 5]);
+        let parts = split(data.clone());
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.concat(), data.to_vec());
+    }
+}

@@ -1,0 +1,228 @@
+//! UploadService (Graviton): bidirectional, resumable uploads acknowledged as data becomes
+//! durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use peervault_proto::v1::{
+    UploadAck, UploadComplete, UploadMessage, UploadResponse, upload_message::Message as In,
+    upload_response::Response as Out, upload_service_server::UploadService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
+
+use super::BlobApi;
+use crate::{
+    store::{Ingest, hex, now_ns},
+    validate,
+};
+
+static UPLOAD_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn new_upload_id(node: &str) -> String {
+    let n = UPLOAD_SEQ.fetch_add(1, Ordering::Relaxed);
+    let seed = format!("{node}/{}/{n}/{}", now_ns(), std::process::id());
+    blake3::hash(seed.as_bytes()).to_hex()[..32].to_string()
+}
+
+fn ack(id: &str, received: u64) -> Result<UploadResponse, Status> {
+    Ok(UploadResponse {
+        response: Some(Out::Ack(UploadAck {
+            upload_id: id.to_string(),
+            received_bytes: received,
+        })),
+    })
+}
+
+/// Parses an expected hash: 32 raw bytes or 64 hex characters.
+fn expected_hash(raw: &Bytes) -> Result<Option<[u8; 32]>, Status> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    validate::blob_key(raw).map(Some).map_err(|_| {
+        Status::invalid_argument("expected_hash must be the 32-byte BLAKE3 hash or its 64-character hex form")
+    })
+}
+
+async fn write(ing: Ingest, data: Bytes) -> Result<(Ingest, Vec<crate::store::ChunkMeta>), Status> {
+    let mut ing = ing;
+    tokio::task::spawn_blocking(move || ing.write(&data).map(|done| (ing, done)))
+        .await
+        .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+impl BlobApi {
+    /// Runs one upload session; every reply goes to `out`. Returns the error to end with.
+    async fn upload_session(
+        &self,
+        mut input: Streaming<UploadMessage>,
+        out: &mpsc::Sender<Result<UploadResponse, Status>>,
+    ) -> Result<(), Status> {
+        let start = match input.message().await? {
+            Some(UploadMessage { message: Some(In::Start(s)) }) => s,
+            Some(_) => return Err(Status::invalid_argument("the first message of an upload must be `start`")),
+            None => return Ok(()),
+        };
+        if start.total_size < 0 {
+            return Err(Status::invalid_argument("total_size must not be negative"));
+        }
+        validate::metadata(&start.attributes).map_err(Status::from)?;
+        let store = self.store.clone();
+        let (id, mut ingest) = if start.upload_id.is_empty() {
+            let id = new_upload_id(&self.node_id);
+            let declared = (start.total_size > 0).then_some(start.total_size as u64);
+            let ing = store.ingest(declared).map_err(Status::from)?;
+            store
+                .create_upload(&id, start.total_size as u64, start.attributes.clone())
+                .await
+                .map_err(Status::from)?;
+            tracing::info!(upload_id = %id, total_size = start.total_size, "upload started");
+            (id, ing)
+        } else {
+            let id = start.upload_id.clone();
+            let rec = store.get_upload(&id).map_err(Status::from)?;
+            let s = store.clone();
+            let ing = tokio::task::spawn_blocking(move || s.resume_ingest(&rec))
+                .await
+                .map_err(|e| Status::internal(format!("resume task failed: {e}")))?
+                .map_err(Status::from)?;
+            tracing::info!(upload_id = %id, received = ing.len(), "upload resumed");
+            (id, ing)
+        };
+        let attributes = match store.get_upload(&id) {
+            Ok(r) => r.attributes,
+            Err(e) => return Err(e.into()),
+        };
+        if out.send(ack(&id, ingest.len())).await.is_err() {
+            return Ok(());
+        }
+
+        // Protocol errors end the upload for good; a dropped stream leaves it resumable.
+        loop {
+            let msg = match input.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    tracing::info!(upload_id = %id, received = ingest.len(), "upload stream closed before complete; resumable");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!(upload_id = %id, received = ingest.len(), error = %e, "upload stream broken; resumable");
+                    return Err(e);
+                }
+            };
+            match msg.message {
+                Some(In::Chunk(c)) => {
+                    let at = ingest.len();
+                    if c.offset < 0 || c.offset as u64 != at {
+                        let _ = store.abort_upload(&id).await;
+                        return Err(Status::invalid_argument(format!(
+                            "chunk offset {} but {at} bytes were received: offsets must be contiguous ({}); the upload was abandoned",
+                            c.offset,
+                            if c.offset > at as i64 { "gap" } else { "overlap" }
+                        )));
+                    }
+                    let (ing, done) = match write(ingest, c.data).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = store.abort_upload(&id).await;
+                            return Err(e);
+                        }
+                    };
+                    ingest = ing;
+                    if !done.is_empty() {
+                        let received = store.append_upload(&id, done).await.map_err(Status::from)?;
+                        if out.send(ack(&id, received)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Some(In::Complete(c)) => {
+                    let expected = match expected_hash(&c.expected_hash) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = store.abort_upload(&id).await;
+                            return Err(e);
+                        }
+                    };
+                    let finished = tokio::task::spawn_blocking(move || ingest.finish())
+                        .await
+                        .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
+                    let (mut finished, _) = match finished {
+                        Ok(f) => f,
+                        Err(e) => {
+                            let _ = store.abort_upload(&id).await;
+                            return Err(e.into());
+                        }
+                    };
+                    if let Some(want) = expected
+                        && want != finished.blob.key
+                    {
+                        let got = hex(&finished.blob.key);
+                        finished.discard(&store);
+                        let _ = store.abort_upload(&id).await;
+                        return Err(Status::invalid_argument(format!(
+                            "content hashes to {got} but expected_hash is {}; nothing was stored",
+                            hex(&want)
+                        )));
+                    }
+                    finished.blob.content_type = attributes
+                        .get("content-type")
+                        .or_else(|| attributes.get("content_type"))
+                        .cloned()
+                        .unwrap_or_else(|| "application/octet-stream".into());
+                    finished.blob.attributes = attributes.clone();
+                    let elapsed = finished.elapsed();
+                    let key = finished.blob.key;
+                    let size = finished.blob.size;
+                    store.complete_upload(&id, finished).await.map_err(Status::from)?;
+                    store
+                        .metrics()
+                        .upload_duration
+                        .with_label_values(&["blob"])
+                        .observe(elapsed.as_secs_f64());
+                    tracing::info!(upload_id = %id, blob = %hex(&key), size, "blob stored");
+                    let _ = out.send(ack(&id, size)).await;
+                    let _ = out
+                        .send(Ok(UploadResponse {
+                            response: Some(Out::Complete(UploadComplete {
+                                key: Bytes::copy_from_slice(&key),
+                                size: size as i64,
+                                hash: Bytes::copy_from_slice(&key),
+                            })),
+                        }))
+                        .await;
+                    return Ok(());
+                }
+                Some(In::Ack(_)) => {} // acknowledgements flow server → client; ignore echoes
+                Some(In::Start(_)) => {
+                    let _ = store.abort_upload(&id).await;
+                    return Err(Status::invalid_argument("a second `start` in one upload stream"));
+                }
+                None => {
+                    let _ = store.abort_upload(&id).await;
+                    return Err(Status::invalid_argument("an upload message with no content"));
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl UploadService for BlobApi {
+    async fn upload(
+        &self,
+        req: Request<Streaming<UploadMessage>>,
+    ) -> Result<Response<BoxStream<UploadResponse>>, Status> {
+        let input = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let api = self.clone();
+        tokio::spawn(async move {
+            if let Err(status) = api.upload_session(input, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,113 @@
+//! Records kept in the index, encoded with protobuf (prost derive) so fields can be added later
+//! without a migration.
+
+use std::collections::HashMap;
+
+/// A file: a user key pointing at a blob, plus its descriptive fields.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileRec {
+    /// The user key.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// The blob (BLAKE3 of the content).
+    #[prost(bytes = "vec", tag = "2")]
+    pub blob_key: Vec<u8>,
+    /// Content length in bytes.
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    /// MIME type.
+    #[prost(string, tag = "4")]
+    pub content_type: String,
+    /// Display name.
+    #[prost(string, tag = "5")]
+    pub name: String,
+    /// User metadata.
+    #[prost(map = "string, string", tag = "6")]
+    pub metadata: HashMap<String, String>,
+    /// Creation time, nanoseconds since the epoch.
+    #[prost(int64, tag = "7")]
+    pub created_ns: i64,
+    /// Last change time, nanoseconds since the epoch.
+    #[prost(int64, tag = "8")]
+    pub updated_ns: i64,
+}
+
+/// A blob: content as an ordered list of chunks.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobRec {
+    /// Content length in bytes.
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    /// Chunk hashes in content order (a chunk may repeat).
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub chunk_hashes: Vec<Vec<u8>>,
+    /// Chunk lengths in content order.
+    #[prost(uint32, repeated, tag = "3")]
+    pub chunk_sizes: Vec<u32>,
+    /// MIME type given at upload.
+    #[prost(string, tag = "4")]
+    pub content_type: String,
+    /// Attributes given at upload.
+    #[prost(map = "string, string", tag = "5")]
+    pub attributes: HashMap<String, String>,
+    /// Creation time, nanoseconds since the epoch.
+    #[prost(int64, tag = "6")]
+    pub created_ns: i64,
+    /// Files pointing at this blob.
+    #[prost(uint64, tag = "7")]
+    pub file_refs: u64,
+    /// Uploaded directly (UploadService): kept until DeleteBlob even without files.
+    #[prost(bool, tag = "8")]
+    pub pinned: bool,
+}
+
+/// A stored chunk's bookkeeping.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ChunkRec {
+    /// References from blobs and uploads in progress.
+    #[prost(uint64, tag = "1")]
+    pub refs: u64,
+    /// Length in bytes.
+    #[prost(uint32, tag = "2")]
+    pub size: u32,
+    /// Stored in the index rather than as a file.
+    #[prost(bool, tag = "3")]
+    pub inline: bool,
+}
+
+/// A resumable upload in progress.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UploadRec {
+    /// Declared total size (0: unknown).
+    #[prost(uint64, tag = "1")]
+    pub total_size: u64,
+    /// Attributes from the start message.
+    #[prost(map = "string, string", tag = "2")]
+    pub attributes: HashMap<String, String>,
+    /// Bytes durably received (sum of chunk sizes).
+    #[prost(uint64, tag = "3")]
+    pub received: u64,
+    /// Durable chunks so far.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub chunk_hashes: Vec<Vec<u8>>,
+    /// Their lengths.
+    #[prost(uint32, repeated, tag = "5")]
+    pub chunk_sizes: Vec<u32>,
+    /// Start time, nanoseconds since the epoch.
+    #[prost(int64, tag = "6")]
+    pub created_ns: i64,
+    /// Last progress, nanoseconds since the epoch (expiry counts from here).
+    #[prost(int64, tag = "7")]
+    pub updated_ns: i64,
+}
+
+/// What remains of a deleted file, for replication to order deletes against writes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Tombstone {
+    /// Deletion time, nanoseconds since the epoch.
+    #[prost(int64, tag = "1")]
+    pub deleted_ns: i64,
+    /// The blob the file pointed at.
+    #[prost(bytes = "vec", tag = "2")]
+    pub blob_key: Vec<u8>,
+}
