@@ -1,0 +1,171 @@
+//! The gRPC adapter: EventService on top of [`EventsCore`]. Conversion only; errors become
+//! statuses through `From<EventsError> for Status`.
+
+use futures_util::stream;
+use peervault_proto::v1::{
+    Event, FileOperationEvent, Lagged, PeerEvent, PublishRequest, PublishResponse, ReplayStart, SubscribeRequest,
+    SystemEvent, event::Payload, event_service_server::EventService,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    core::EventsCore,
+    error::EventsError,
+    hub::{Delivery, Filter, Resume, Subscription},
+    model,
+    topics::{Topic, TopicSet},
+};
+
+/// A server stream as the generated code wants it.
+type EventStream<T> = tonic::codegen::BoxStream<T>;
+
+/// The EventService implementation.
+#[derive(Clone)]
+pub struct EventApi {
+    core: EventsCore,
+}
+
+impl EventApi {
+    /// The service over `core`.
+    pub fn new(core: EventsCore) -> Self {
+        EventApi { core }
+    }
+}
+
+const TRANSPORT: &str = "grpc";
+
+/// A stream of whatever `map` makes of each delivery (`None`: skip it).
+fn deliveries<T, F>(sub: Subscription, map: F) -> EventStream<T>
+where
+    T: Send + 'static,
+    F: Fn(&Delivery) -> Option<T> + Send + 'static,
+{
+    Box::pin(stream::unfold((sub, map), |(mut sub, map)| async move {
+        loop {
+            let d = sub.next().await?;
+            if let Some(item) = map(&d) {
+                if let Delivery::Event(e) = &d {
+                    sub.record_delivery(e);
+                }
+                return Some((Ok(item), (sub, map)));
+            }
+        }
+    }))
+}
+
+fn control(kind: &str, payload: Payload, node: &str) -> Event {
+    Event {
+        r#type: kind.to_string(),
+        timestamp: Some(model::now_timestamp()),
+        node: node.to_string(),
+        data_json: "{}".to_string(),
+        payload: Some(payload),
+        ..Default::default()
+    }
+}
+
+/// The envelope a Subscribe stream carries for a delivery.
+pub fn envelope(d: &Delivery, node: &str) -> Event {
+    match d {
+        Delivery::Event(e) => e.event.clone(),
+        Delivery::Lagged(n) => control("lagged", Payload::Lagged(Lagged { missed: *n }), node),
+        Delivery::ReplayStart(s) => control(
+            "replay_start",
+            Payload::ReplayStart(ReplayStart {
+                first_available_sequence: *s,
+            }),
+            node,
+        ),
+    }
+}
+
+#[tonic::async_trait]
+impl EventService for EventApi {
+    async fn stream_file_operations(
+        &self,
+        _req: Request<()>,
+    ) -> Result<Response<EventStream<FileOperationEvent>>, Status> {
+        let sub = self.core.hub.subscribe(
+            Filter::topics([Topic::FileOperations].into_iter().collect()),
+            None,
+            TRANSPORT,
+        )?;
+        Ok(Response::new(deliveries(sub, |d| match d {
+            Delivery::Event(e) => match &e.event.payload {
+                Some(Payload::FileOperation(f)) => Some(f.clone()),
+                _ => None,
+            },
+            _ => None,
+        })))
+    }
+
+    async fn stream_peer_events(&self, _req: Request<()>) -> Result<Response<EventStream<PeerEvent>>, Status> {
+        let sub = self.core.hub.subscribe(
+            Filter::topics([Topic::PeerNetwork].into_iter().collect()),
+            None,
+            TRANSPORT,
+        )?;
+        Ok(Response::new(deliveries(sub, |d| match d {
+            Delivery::Event(e) => match &e.event.payload {
+                Some(Payload::Peer(p)) => Some(p.clone()),
+                _ => None,
+            },
+            _ => None,
+        })))
+    }
+
+    async fn stream_system_events(&self, _req: Request<()>) -> Result<Response<EventStream<SystemEvent>>, Status> {
+        let topics: TopicSet = [Topic::System, Topic::Alerts].into_iter().collect();
+        let sub = self.core.hub.subscribe(Filter::topics(topics), None, TRANSPORT)?;
+        Ok(Response::new(deliveries(sub, |d| match d {
+            Delivery::Event(e) => match &e.event.payload {
+                Some(Payload::System(s)) => Some(s.clone()),
+                Some(Payload::Alert(a)) => Some(model::alert_as_system_event(a, &e.event.source, e.event.timestamp)),
+                _ => None,
+            },
+            _ => None,
+        })))
+    }
+
+    async fn subscribe(&self, req: Request<SubscribeRequest>) -> Result<Response<EventStream<Event>>, Status> {
+        let r = req.into_inner();
+        let mut topics = TopicSet::EMPTY;
+        for t in &r.topics {
+            topics.insert(Topic::parse(t).ok_or_else(|| EventsError::UnknownTopic(t.clone()))?);
+        }
+        if r.topics.is_empty() {
+            topics = TopicSet::ALL;
+        }
+        for ty in &r.types {
+            if !topics.iter().any(|t| t.types().contains(&ty.as_str())) {
+                return Err(Status::invalid_argument(format!(
+                    "unknown event type '{ty}' for topics {:?}",
+                    topics.iter().map(Topic::as_str).collect::<Vec<_>>()
+                )));
+            }
+        }
+        let filter = Filter {
+            topics,
+            types: r.types,
+            source: r.source,
+        };
+        let resume = r.since_sequence.map(|since_sequence| Resume {
+            since_sequence,
+            node: r.node,
+        });
+        let sub = self.core.hub.subscribe(filter, resume, TRANSPORT)?;
+        let node = self.core.hub.node().to_string();
+        Ok(Response::new(deliveries(sub, move |d| Some(envelope(d, &node)))))
+    }
+
+    async fn publish(&self, req: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
+        let events = req.into_inner().events;
+        let n = events.len();
+        let published = self.core.publish(events).inspect_err(|e| {
+            tracing::info!(error = %e, events = n, "Publish refused");
+        })?;
+        Ok(Response::new(PublishResponse {
+            accepted: published.accepted.len() as u32,
+        }))
+    }
+}
