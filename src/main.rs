@@ -27,6 +27,8 @@ enum Command {
         role: Role,
         #[command(flatten)]
         config: ServeConfig,
+        #[command(flatten)]
+        blob: peervault_blob::BlobConfig,
     },
 }
 
@@ -55,7 +57,7 @@ impl Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve { role, config } = cli.command;
+    let Command::Serve { role, config, blob } = cli.command;
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -63,7 +65,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(role, config)) {
+    match rt.block_on(run(role, config, blob)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "peervault stopped");
@@ -73,22 +75,80 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(role: Role, config: ServeConfig) -> anyhow::Result<()> {
+async fn run(role: Role, config: ServeConfig, blob: peervault_blob::BlobConfig) -> anyhow::Result<()> {
     let runtime = Runtime::start(config, role.name()).await?;
     let ctx = runtime.context().clone();
     let mut services = Services::new();
+    // The membership view the blob side uses; kept for the life of the process.
+    let mut membership: Option<peervault_membership::MembershipClient> = None;
     match role {
         Role::All => {
+            // Events first: blob and peer of this process publish to it.
+            services.extend(peervault_events::start(&ctx, None).await?.services);
             let upstreams = peervault_blob::Upstreams::from_context(&ctx, true, true);
-            services.extend(peervault_blob::services(&ctx, upstreams)?);
+            // The peer service with a membership of this process itself (unless --peers says
+            // otherwise), and the blob side subscribed to it.
+            let own = ctx.self_endpoint();
+            services.extend(start_peer(&ctx, vec![own.clone()], Some(own)).await?);
+            membership = start_membership(&ctx, upstreams.peer.as_deref())?;
+            services.extend(peervault_blob::services(&ctx, blob.clone(), upstreams).await?);
         }
         Role::Blob => {
+            start_metrics_events(&ctx)?;
             let upstreams = peervault_blob::Upstreams::from_context(&ctx, false, false);
-            services.extend(peervault_blob::services(&ctx, upstreams)?);
+            membership = start_membership(&ctx, upstreams.peer.as_deref())?;
+            services.extend(peervault_blob::services(&ctx, blob.clone(), upstreams).await?);
         }
-        // Their services arrive with their issues; the runtime already serves SystemService.
-        Role::Peer | Role::Events => {}
+        Role::Peer => {
+            start_metrics_events(&ctx)?;
+            let events = ctx.config.events_endpoint.iter().cloned().collect();
+            services.extend(start_peer(&ctx, events, None).await?);
+        }
+        Role::Events => {
+            services.extend(peervault_events::start(&ctx, None).await?.services);
+        }
     }
     runtime.serve(services).await?;
+    drop(membership);
     Ok(())
+}
+
+/// Publishes this process's system, storage, network and performance metrics events to
+/// `--events-endpoint` every `--metrics-interval` (blob and peer; events publishes its own).
+fn start_metrics_events(ctx: &peervault_runtime::ServiceContext) -> anyhow::Result<()> {
+    let endpoints: Vec<String> = ctx.config.events_endpoint.iter().cloned().collect();
+    let publisher = peervault_events_client::EventPublisher::start(ctx, &endpoints)?;
+    peervault_events_client::start_metrics_reporter(ctx, publisher);
+    Ok(())
+}
+
+/// Starts the peer service (discovery, probing, PeerService) publishing to `events`.
+async fn start_peer(
+    ctx: &peervault_runtime::ServiceContext,
+    events: Vec<String>,
+    self_member: Option<String>,
+) -> anyhow::Result<Services> {
+    let opts = peervault_peer::PeerOptions {
+        events_endpoints: events,
+        self_member,
+    };
+    Ok(peervault_peer::start(ctx, opts).await?.services)
+}
+
+/// Subscribes the blob side to the peer service's membership stream, when there is one.
+fn start_membership(
+    ctx: &peervault_runtime::ServiceContext,
+    peer_endpoint: Option<&str>,
+) -> anyhow::Result<Option<peervault_membership::MembershipClient>> {
+    match peer_endpoint {
+        Some(ep) => Ok(Some(peervault_membership::MembershipClient::start(
+            ctx,
+            ep,
+            &ctx.node_id,
+        )?)),
+        None => {
+            tracing::warn!("no --peer-endpoint: this blob node has no membership view (it knows only itself)");
+            Ok(None)
+        }
+    }
 }

@@ -36,7 +36,14 @@ pub mod names {
     pub const RECONNECTS_TOTAL: &str = "peervault_membership_reconnects_total";
 
     /// Every name above.
-    pub const ALL: &[&str] = &[VIEW_SIZE, VIEW_READY, VIEW_VERSION, CONNECTED, UPDATES_TOTAL, RECONNECTS_TOTAL];
+    pub const ALL: &[&str] = &[
+        VIEW_SIZE,
+        VIEW_READY,
+        VIEW_VERSION,
+        CONNECTED,
+        UPDATES_TOTAL,
+        RECONNECTS_TOTAL,
+    ];
 }
 
 /// First wait before reconnecting; doubles up to [`BACKOFF_MAX`].
@@ -140,7 +147,10 @@ impl ClientMetrics {
             ready: IntGauge::new(names::VIEW_READY, "Ready members in the membership view this pod uses.")?,
             version: IntGauge::new(names::VIEW_VERSION, "Version of the membership view this pod uses.")?,
             connected: IntGauge::new(names::CONNECTED, "1 while the WatchMembership stream is open.")?,
-            updates: IntCounterVec::new(Opts::new(names::UPDATES_TOTAL, "Membership updates applied, by kind."), &["kind"])?,
+            updates: IntCounterVec::new(
+                Opts::new(names::UPDATES_TOTAL, "Membership updates applied, by kind."),
+                &["kind"],
+            )?,
             reconnects: IntCounter::new(names::RECONNECTS_TOTAL, "WatchMembership streams reopened.")?,
         })
     }
@@ -331,14 +341,19 @@ mod tests {
     #[test]
     fn snapshots_upserts_and_removes_apply_in_order() {
         let mut v = MembershipView::default();
-        v.apply(&u(10, MembershipUpdateKind::Snapshot, vec![m("a", true), m("b", false)]))
-            .unwrap();
+        v.apply(&u(
+            10,
+            MembershipUpdateKind::Snapshot,
+            vec![m("a", true), m("b", false)],
+        ))
+        .unwrap();
         assert_eq!(v.members.len(), 2);
         assert_eq!(v.ready().count(), 1);
         v.apply(&u(11, MembershipUpdateKind::Upsert, vec![m("b", true), m("c", true)]))
             .unwrap();
         assert_eq!(v.ready().count(), 3);
-        v.apply(&u(12, MembershipUpdateKind::Remove, vec![m("a", false)])).unwrap();
+        v.apply(&u(12, MembershipUpdateKind::Remove, vec![m("a", false)]))
+            .unwrap();
         assert_eq!(v.members.keys().collect::<Vec<_>>(), ["b", "c"]);
         assert_eq!(v.version, 12);
         // A stale change is refused and changes nothing.
@@ -349,7 +364,8 @@ mod tests {
         ));
         assert_eq!(v, before);
         // A snapshot from a restarted peer service may carry any version and replaces all.
-        v.apply(&u(5, MembershipUpdateKind::Snapshot, vec![m("x", true)])).unwrap();
+        v.apply(&u(5, MembershipUpdateKind::Snapshot, vec![m("x", true)]))
+            .unwrap();
         assert_eq!(v.members.keys().collect::<Vec<_>>(), ["x"]);
         assert!(v.apply(&u(6, MembershipUpdateKind::Unspecified, vec![])).is_err());
     }

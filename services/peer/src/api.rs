@@ -106,7 +106,9 @@ fn health_response(p: PeerInfo) -> PeerHealthResponse {
 
 fn require_id(id: &str) -> Result<(), PeerError> {
     if id.trim().is_empty() {
-        return Err(PeerError::InvalidArgument("id must not be empty: give a peer id (see ListPeers)".into()));
+        return Err(PeerError::InvalidArgument(
+            "id must not be empty: give a peer id (see ListPeers)".into(),
+        ));
     }
     Ok(())
 }
@@ -192,7 +194,9 @@ impl PeerService for PeerApi {
             .store
             .update(Box::new(move |cur| {
                 if cur.added.contains_key(&key) {
-                    return Err(PeerError::AlreadyExists(format!("a peer with id '{key}' was just added")));
+                    return Err(PeerError::AlreadyExists(format!(
+                        "a peer with id '{key}' was just added"
+                    )));
                 }
                 let mut next = cur.clone();
                 next.removed.remove(&key);
@@ -241,10 +245,9 @@ impl PeerService for PeerApi {
     ) -> Result<Response<BoxStream<MembershipUpdate>>, Status> {
         let req = request.into_inner();
         if req.watcher_id.trim().is_empty() {
-            return Err(PeerError::InvalidArgument(
-                "watcher_id must not be empty: name the watching pod".into(),
-            )
-            .into());
+            return Err(
+                PeerError::InvalidArgument("watcher_id must not be empty: name the watching pod".into()).into(),
+            );
         }
         let (first, rx) = self.registry.watch(req.since_version);
         let (tx, out) = mpsc::channel(STREAM_BUFFER);
@@ -257,7 +260,9 @@ impl PeerService for PeerApi {
             tx,
             self.draining.clone(),
         ));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            out,
+        ))))
     }
 }
 
@@ -281,7 +286,9 @@ async fn forward(
         }
     }
     let _dec = Dec(gauge);
-    let resumed = first.first().is_none_or(|u| u.kind != peervault_proto::v1::MembershipUpdateKind::Snapshot as i32);
+    let resumed = first
+        .first()
+        .is_none_or(|u| u.kind != peervault_proto::v1::MembershipUpdateKind::Snapshot as i32);
     tracing::info!(watcher = %watcher, since, resumed, replay = first.len(), "membership watcher connected");
     let mut last = since;
     for u in first {
@@ -364,11 +371,17 @@ mod tests {
 
     #[test]
     fn errors_map_to_the_published_codes() {
-        assert_eq!(Status::from(PeerError::NotFound("x".into())).code(), tonic::Code::NotFound);
+        assert_eq!(
+            Status::from(PeerError::NotFound("x".into())).code(),
+            tonic::Code::NotFound
+        );
         assert_eq!(
             Status::from(PeerError::AlreadyExists("x".into())).code(),
             tonic::Code::AlreadyExists
         );
-        assert_eq!(Status::from(PeerError::Conflict("x".into())).code(), tonic::Code::Aborted);
+        assert_eq!(
+            Status::from(PeerError::Conflict("x".into())).code(),
+            tonic::Code::Aborted
+        );
     }
 }

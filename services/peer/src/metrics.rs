@@ -66,19 +66,30 @@ impl PeerMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         Ok(PeerMetrics {
             up: IntGaugeVec::new(
-                Opts::new(names::PEER_UP, "1 when the peer answers its health checks, 0 otherwise."),
+                Opts::new(
+                    names::PEER_UP,
+                    "1 when the peer answers its health checks, 0 otherwise.",
+                ),
                 &["peer"],
             )?,
-            probes: IntCounterVec::new(Opts::new(names::PEER_PROBES_TOTAL, "Health checks by result."), &["result"])?,
+            probes: IntCounterVec::new(
+                Opts::new(names::PEER_PROBES_TOTAL, "Health checks by result."),
+                &["result"],
+            )?,
             probe_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     names::PEER_PROBE_DURATION_SECONDS,
                     "Round-trip time of passing health checks, in seconds.",
                 )
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
             )?,
             transitions: IntCounterVec::new(
-                Opts::new(names::PEER_HEALTH_TRANSITIONS_TOTAL, "Health state changes, by the state entered."),
+                Opts::new(
+                    names::PEER_HEALTH_TRANSITIONS_TOTAL,
+                    "Health state changes, by the state entered.",
+                ),
                 &["state"],
             )?,
             size: IntGauge::new(names::MEMBERSHIP_SIZE, "Members in the membership view.")?,

@@ -2,7 +2,12 @@
 //! interval, with a deadline, and records the outcome in the registry. Tasks start and stop as
 //! the view's members (and their addresses) change.
 
-use std::{collections::HashMap, hash::{Hash, Hasher}, sync::Arc, time::{Duration, Instant}};
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use peervault_runtime::client::ServiceChannel;
 use tokio::task::JoinHandle;

@@ -302,7 +302,12 @@ impl Registry {
         MembershipUpdate {
             version: g.version,
             kind: MembershipUpdateKind::Snapshot as i32,
-            members: g.view.keys().filter_map(|id| Self::info(g, id)).map(|p| p.member).collect(),
+            members: g
+                .view
+                .keys()
+                .filter_map(|id| Self::info(g, id))
+                .map(|p| p.member)
+                .collect(),
         }
     }
 
@@ -318,10 +323,7 @@ impl Registry {
         let rx = self.updates.subscribe();
         let first = if since == g.version {
             Vec::new()
-        } else if since != 0
-            && since < g.version
-            && g.log.front().is_some_and(|u| u.version <= since + 1)
-        {
+        } else if since != 0 && since < g.version && g.log.front().is_some_and(|u| u.version <= since + 1) {
             g.log.iter().filter(|u| u.version > since).cloned().collect()
         } else {
             vec![Self::snapshot_locked(&g)]
@@ -352,11 +354,7 @@ impl Registry {
         let Some(prev) = changed else { return };
         let state = rec.state;
         self.metrics.transitions.with_label_values(&[status_word(state)]).inc();
-        let (address, port) = g
-            .view
-            .get(id)
-            .map(|m| (m.address.clone(), m.port))
-            .unwrap_or_default();
+        let (address, port) = g.view.get(id).map(|m| (m.address.clone(), m.port)).unwrap_or_default();
         let reason = match outcome {
             ProbeOutcome::Failed { reason, .. } => *reason,
             ProbeOutcome::Serving(_) => "",

@@ -95,7 +95,14 @@ async fn connection(mut sock: TcpStream, tx: mpsc::Sender<Incoming>) {
         };
         let target = head.split(' ').nth(1).unwrap_or_default().to_string();
         let (reply_tx, reply_rx) = oneshot::channel();
-        if tx.send(Incoming { target, reply: reply_tx }).await.is_err() {
+        if tx
+            .send(Incoming {
+                target,
+                reply: reply_tx,
+            })
+            .await
+            .is_err()
+        {
             return;
         }
         let Ok(reply) = reply_rx.await else { return };

@@ -27,7 +27,12 @@ pub struct DnsDiscovery {
 
 impl DnsDiscovery {
     /// Uses the system resolver configuration, or `server` (`ip:port`) when given.
-    pub fn new(name: &str, port: Option<u16>, interval: Duration, server: Option<SocketAddr>) -> Result<Self, PeerError> {
+    pub fn new(
+        name: &str,
+        port: Option<u16>,
+        interval: Duration,
+        server: Option<SocketAddr>,
+    ) -> Result<Self, PeerError> {
         if name.trim().is_empty() {
             return Err(PeerError::Config("--discovery dns needs --dns-name".into()));
         }

@@ -49,9 +49,9 @@ impl KubernetesDiscovery {
         service: Option<&str>,
         port_name: &str,
     ) -> Result<Self, PeerError> {
-        let service = service
-            .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| PeerError::Config("--discovery kubernetes needs --kube-service (the blob headless Service)".into()))?;
+        let service = service.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            PeerError::Config("--discovery kubernetes needs --kube-service (the blob headless Service)".into())
+        })?;
         let client = Client::try_default().await.map_err(|e| {
             PeerError::Config(format!(
                 "--discovery kubernetes: no Kubernetes configuration (in-cluster service account or kubeconfig): {e}"
@@ -126,9 +126,7 @@ pub fn endpoints_of<'a>(
                 source: MemberSource::Kubernetes,
             };
             // A pod listed in two slices (dual stack) is ready when either says so.
-            out.entry(id)
-                .and_modify(|prev| prev.ready |= d.ready)
-                .or_insert(d);
+            out.entry(id).and_modify(|prev| prev.ready |= d.ready).or_insert(d);
         }
     }
     out.into_values().collect()

@@ -83,7 +83,9 @@ impl Discovery for StaticDiscovery {
 /// Splits `host:port` (or `[v6]:port`) and checks both parts.
 pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
     let (host, port) = s.rsplit_once(':').ok_or("missing port")?;
-    let port: u16 = port.parse().map_err(|_| format!("port '{port}' is not a number from 1 to 65535"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("port '{port}' is not a number from 1 to 65535"))?;
     if port == 0 {
         return Err("port 0 is not a usable port".into());
     }
@@ -131,7 +133,18 @@ mod tests {
         assert_eq!(split_host_port("a.b:80").unwrap(), ("a.b".into(), 80));
         assert_eq!(split_host_port("[::1]:8082").unwrap(), ("::1".into(), 8082));
         assert_eq!(split_host_port("10.0.0.1:1").unwrap(), ("10.0.0.1".into(), 1));
-        for bad in ["", "host", ":80", "h:0", "h:70000", "h:x", "bad host:1", "-a:1", "[::1:1", "a..b:1"] {
+        for bad in [
+            "",
+            "host",
+            ":80",
+            "h:0",
+            "h:70000",
+            "h:x",
+            "bad host:1",
+            "-a:1",
+            "[::1:1",
+            "a..b:1",
+        ] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }
     }
@@ -145,7 +158,10 @@ mod tests {
                 .len(),
             2
         );
-        let err = StaticDiscovery::new(&["a:1".into(), "nope".into()]).err().unwrap().to_string();
+        let err = StaticDiscovery::new(&["a:1".into(), "nope".into()])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("--peers") && err.contains("nope"), "{err}");
     }
 }
