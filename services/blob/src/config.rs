@@ -17,7 +17,7 @@ pub struct BlobConfig {
     pub max_object_size: u64,
 
     /// Size of the content chunks objects are split into (a power of two from 64 KiB to 16 MiB).
-    #[arg(long, env = "PEERVAULT_CHUNK_SIZE", default_value_t = 4 * 1024 * 1024, value_parser = parse_chunk_size, value_name = "BYTES")]
+    #[arg(long, env = "PEERVAULT_CHUNK_SIZE", default_value_t = 1024 * 1024, value_parser = parse_chunk_size, value_name = "BYTES")]
     pub chunk_size: u32,
 
     /// How long an unreferenced chunk is kept before it is deleted.
@@ -46,7 +46,7 @@ impl Default for BlobConfig {
         BlobConfig {
             quota_bytes: 0,
             max_object_size: 64 * 1024 * 1024 * 1024,
-            chunk_size: 4 * 1024 * 1024,
+            chunk_size: 1024 * 1024,
             gc_grace: Duration::from_secs(600),
             gc_interval: Duration::from_secs(60),
             upload_expiry: Duration::from_secs(24 * 3600),

@@ -132,7 +132,8 @@ impl BlobApi {
                     };
                     ingest = ing;
                     if !done.is_empty() {
-                        let received = store.append_upload(&id, done).await.map_err(Status::from)?;
+                        let received = store.append_upload(&id, done.clone()).await.map_err(Status::from)?;
+                        ingest.committed(&done);
                         if out.send(ack(&id, received)).await.is_err() {
                             return Ok(());
                         }

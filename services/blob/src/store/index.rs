@@ -191,7 +191,6 @@ fn blob_ref_file(txn: &WriteTransaction, b: &NewBlob, now_ns: i64) -> Result<()>
                 chunk_ref(txn, c)?;
             }
             meta_add(txn, meta::BLOB_COUNT, 1)?;
-            meta_add(txn, meta::LOGICAL_BYTES, b.size as i64)?;
         }
     }
     Ok(())
@@ -221,7 +220,6 @@ fn blob_drop_if_unused(txn: &WriteTransaction, key: &[u8], rec: &BlobRec, now_ns
         chunk_unref(txn, h, now_ns)?;
     }
     meta_add(txn, meta::BLOB_COUNT, -1)?;
-    meta_add(txn, meta::LOGICAL_BYTES, -(rec.size as i64))?;
     Ok(rec.size)
 }
 
@@ -278,9 +276,11 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             // The new reference first, so replacing a file with identical content never drops
             // the blob even for a moment.
             blob_ref_file(txn, &blob, rec.updated_ns)?;
+            meta_add(txn, meta::LOGICAL_BYTES, rec.size as i64)?;
             if let Some(o) = &old {
                 rec.created_ns = o.created_ns;
                 blob_unref_file(txn, &o.blob_key, rec.updated_ns)?;
+                meta_add(txn, meta::LOGICAL_BYTES, -(o.size as i64))?;
             } else {
                 meta_add(txn, meta::FILE_COUNT, 1)?;
             }
@@ -297,6 +297,7 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             txn.open_table(FILES)?.remove(key.as_str())?;
             blob_unref_file(txn, &old.blob_key, now_ns)?;
             meta_add(txn, meta::FILE_COUNT, -1)?;
+            meta_add(txn, meta::LOGICAL_BYTES, -(old.size as i64))?;
             let tomb = Tombstone {
                 deleted_ns: now_ns,
                 blob_key: old.blob_key.clone(),
@@ -343,7 +344,11 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                     rec.file_refs
                 )));
             }
+            if !rec.pinned {
+                return Err(BlobError::NotFound(format!("blob {} not found", hex(&key))));
+            }
             rec.pinned = false;
+            meta_add(txn, meta::LOGICAL_BYTES, -(rec.size as i64))?;
             Ok(Reply::Freed(blob_drop_if_unused(txn, &key, &rec, now_ns)?))
         }
         Op::CreateUpload { id, rec } => {
@@ -373,6 +378,9 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             let out = match existing {
                 Some(bytes) => {
                     let mut b: BlobRec = decode("blob", &bytes)?;
+                    if !b.pinned {
+                        meta_add(txn, meta::LOGICAL_BYTES, blob.size as i64)?;
+                    }
                     b.pinned = true;
                     txn.open_table(BLOBS)?.insert(&blob.key[..], b.encode_to_vec().as_slice())?;
                     // The blob already holds its own references to these chunks.

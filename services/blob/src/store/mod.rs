@@ -553,7 +553,6 @@ impl Store {
     pub async fn append_upload(&self, id: &str, chunks: Vec<ChunkMeta>) -> Result<u64> {
         let mut received = None;
         for chunk in chunks {
-            let hash = chunk.hash;
             let r = self
                 .commit(Op::AppendUpload {
                     id: id.to_string(),
@@ -561,8 +560,6 @@ impl Store {
                     now_ns: now_ns(),
                 })
                 .await;
-            // The index now holds a reference (or the upload is gone): the pin is no longer needed.
-            self.unpin(&hash);
             match r? {
                 Reply::Received(n) => received = Some(n),
                 other => return Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
@@ -793,8 +790,29 @@ impl Drop for Ingest {
         if let Some((_, path)) = self.file.take() {
             let _ = fs::remove_file(path);
         }
-        for h in &self.pinned {
-            self.store.unpin(h);
+        // Chunks this ingest put in place that no committed record references are removed now
+        // rather than left for the orphan scan. Under the pin lock, as in GC: another upload of
+        // the same content either pinned it already (kept) or will write it again.
+        let mut removed = 0;
+        {
+            let mut pins = self.store.inner.pins.lock().unwrap_or_else(|p| p.into_inner());
+            for h in &self.pinned {
+                if let Some(n) = pins.get_mut(h) {
+                    *n -= 1;
+                    if *n == 0 {
+                        pins.remove(h);
+                    }
+                }
+                if !pins.contains_key(h)
+                    && matches!(self.store.chunk_record(h), Ok(None))
+                    && fs::remove_file(self.store.chunk_path(h)).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::debug!(removed, "removed chunks of an abandoned upload");
         }
         self.store.unreserve(self.reserved);
         self.store.inner.metrics.uploads_in_progress.dec();
@@ -849,6 +867,17 @@ impl Ingest {
     /// Chunks complete and durable on disk.
     pub fn chunks(&self) -> &[ChunkMeta] {
         &self.chunks
+    }
+
+    /// Marks chunks as referenced by the index (a resumable upload recorded them): they are no
+    /// longer this ingest's to pin or clean up.
+    pub fn committed(&mut self, chunks: &[ChunkMeta]) {
+        for c in chunks {
+            if let Some(i) = self.pinned.iter().position(|h| *h == c.hash) {
+                self.pinned.swap_remove(i);
+                self.store.unpin(&c.hash);
+            }
+        }
     }
 
     /// Appends data. Chunks that fill up are made durable (fsync, rename, directory fsync) and

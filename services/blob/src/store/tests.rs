@@ -199,13 +199,15 @@ async fn resumable_uploads_keep_durable_chunks_and_expire() {
     store.create_upload("u1", data.len() as u64, HashMap::new()).await.unwrap();
     let mut ing = store.ingest(Some(data.len() as u64)).unwrap();
     let done = ing.write(&data[..CHUNK as usize + 10]).unwrap();
-    assert_eq!(store.append_upload("u1", done).await.unwrap(), CHUNK as u64);
+    assert_eq!(store.append_upload("u1", done.clone()).await.unwrap(), CHUNK as u64);
+    ing.committed(&done);
     drop(ing); // the client went away
     let rec = store.get_upload("u1").unwrap();
     let mut ing = store.resume_ingest(&rec).unwrap();
     assert_eq!(ing.len(), CHUNK as u64);
     let done = ing.write(&data[CHUNK as usize..]).unwrap();
-    store.append_upload("u1", done).await.unwrap();
+    store.append_upload("u1", done.clone()).await.unwrap();
+    ing.committed(&done);
     let (fin, _) = ing.finish().unwrap();
     assert_eq!(fin.blob.key, *blake3::hash(&data).as_bytes());
     let b = store.complete_upload("u1", fin).await.unwrap();
@@ -226,7 +228,8 @@ async fn resumable_uploads_keep_durable_chunks_and_expire() {
     expiring.create_upload("u2", 0, HashMap::new()).await.unwrap();
     let mut ing = expiring.ingest(None).unwrap();
     let done = ing.write(&content(8, CHUNK as usize)).unwrap();
-    expiring.append_upload("u2", done).await.unwrap();
+    expiring.append_upload("u2", done.clone()).await.unwrap();
+    ing.committed(&done);
     drop(ing);
     expiring.collect_garbage().await.unwrap();
     assert!(expiring.get_upload("u2").is_err());
