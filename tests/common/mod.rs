@@ -312,3 +312,118 @@ pub async fn try_channel(
         .connect()
         .await
 }
+
+impl NodeBuilder {
+    /// As [`NodeBuilder::start`], with the gRPC and HTTP listen addresses given (`127.0.0.1:0`
+    /// for a free port), also returning the JSON log lines printed before "peervault ready"
+    /// (for example the events service's `events HTTP listening` line with `http_addr`).
+    // The child is waited for by `Node::drop`, or right before the panic below.
+    #[allow(clippy::zombie_processes)]
+    pub fn start_listening(self, grpc_listen: &str, http_listen: &str) -> (Node, Vec<serde_json::Value>) {
+        let (tmp, dir) = match self.data_dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::tempdir().expect("tempdir");
+                let d = t.path().join("data");
+                (Some(t), d)
+            }
+        };
+        let mut cmd = Command::new(peervault_bin());
+        cmd.arg("serve")
+            .arg(&self.role)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--grpc-listen", grpc_listen, "--admin-listen", "127.0.0.1:0"])
+            .args(["--http-listen", http_listen])
+            .args(["--log-format", "json"])
+            .args(&self.args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn peervault");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx2.send(format!("stderr: {line}")).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        let mut logs = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["message"] == "peervault ready" {
+                            let grpc = v["grpc_addr"].as_str().unwrap().parse().unwrap();
+                            let admin = v["admin_addr"].as_str().unwrap().parse().unwrap();
+                            let node = Node {
+                                child,
+                                grpc,
+                                admin,
+                                data_dir: dir,
+                                lines: rx,
+                                _tmp: tmp,
+                            };
+                            return (node, logs);
+                        }
+                        logs.push(v);
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "peervault serve {} did not become ready; output:\n{}",
+                        self.role,
+                        seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Starts an events (or all) node on free ports; returns it and its WebSocket/HTTP address.
+    pub fn start_events(self) -> (Node, SocketAddr) {
+        let (node, logs) = self.start_listening("127.0.0.1:0", "127.0.0.1:0");
+        let http = events_http_addr(&logs);
+        (node, http)
+    }
+}
+
+/// The `http_addr` of the `events HTTP listening` log line.
+pub fn events_http_addr(logs: &[serde_json::Value]) -> SocketAddr {
+    logs.iter()
+        .find(|v| v["message"] == "events HTTP listening")
+        .and_then(|v| v["http_addr"].as_str())
+        .expect("no 'events HTTP listening' line before ready")
+        .parse()
+        .expect("http_addr is an address")
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released), for a process that must come back on
+/// the same address after a restart.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}

@@ -401,7 +401,7 @@ pub fn start_metrics_reporter(ctx: &ServiceContext, publisher: EventPublisher) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let mut sampler = MetricsSampler::new(&ctx);
-        let mut tick = tokio::time::interval(interval);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

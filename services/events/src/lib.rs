@@ -112,7 +112,7 @@ pub async fn start(
         let core2 = core.clone();
         let interval = settings.metrics_interval;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut sampler = peervault_events_client::MetricsSampler::new(&ctx2);
             loop {
