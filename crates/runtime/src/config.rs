@@ -197,6 +197,29 @@ pub struct ServeConfig {
     /// Events service, WebSocket gateway, alert thresholds and metrics events.
     #[command(flatten)]
     pub events: EventsFlags,
+
+    /// Where the peer service keeps peers added and removed by hand: `file`
+    /// (`<data-dir>/peer/peers.json`) or `configmap` (`--peer-configmap`, shared by replicas).
+    #[arg(long, env = "PEERVAULT_PEER_STORE", value_enum, default_value = "file")]
+    pub peer_store: PeerStoreKind,
+
+    /// Name of the ConfigMap of `--peer-store configmap` (in `--kube-namespace`).
+    #[arg(
+        long,
+        env = "PEERVAULT_PEER_CONFIGMAP",
+        default_value = "peervault-peers",
+        value_name = "NAME"
+    )]
+    pub peer_configmap: String,
+}
+
+/// Where manual peer changes are persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeerStoreKind {
+    /// A JSON file in the data directory.
+    File,
+    /// A Kubernetes ConfigMap, written with optimistic concurrency.
+    Configmap,
 }
 
 /// Where the peer service learns which blob pods exist.

@@ -20,7 +20,11 @@ pub mod store;
 
 use std::sync::Arc;
 
-use peervault_runtime::{ServiceContext, Services, config::DiscoveryKind, configure_service};
+use peervault_runtime::{
+    ServiceContext, Services,
+    config::{DiscoveryKind, PeerStoreKind},
+    configure_service,
+};
 use tokio::sync::watch;
 
 pub use error::PeerError;
@@ -30,8 +34,11 @@ use crate::{
     health::HealthPolicy,
     metrics::PeerMetrics,
     registry::Registry,
-    store::{FileStore, ManualStore},
+    store::{ConfigMapStore, FileStore, ManualStore},
 };
+
+/// How often a shared (ConfigMap) store is read again for other replicas' changes.
+pub const STORE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the role wiring decides for the peer service.
 #[derive(Debug, Clone, Default)]
@@ -71,7 +78,15 @@ pub async fn start(ctx: &ServiceContext, opts: PeerOptions) -> Result<PeerServic
     for c in metrics.collectors() {
         ctx.metrics.register(c)?;
     }
-    let store: Arc<dyn ManualStore> = FileStore::new(cfg.data_dir.join("peer").join("peers.json"));
+    let store: Arc<dyn ManualStore> = match cfg.peer_store {
+        PeerStoreKind::File => FileStore::new(cfg.data_dir.join("peer").join("peers.json")),
+        PeerStoreKind::Configmap => {
+            let (client, ns) =
+                discovery::kubernetes::client_from_environment("--peer-store configmap", cfg.kube_namespace.as_deref())
+                    .await?;
+            ConfigMapStore::new(client, &ns, &cfg.peer_configmap)
+        }
+    };
     let manual = store.load().await?;
     let publisher = peervault_events_client::EventPublisher::start(ctx, &opts.events_endpoints)
         .map_err(|e| PeerError::Config(format!("events publisher: {e}")))?;
@@ -123,12 +138,30 @@ pub async fn start(ctx: &ServiceContext, opts: PeerOptions) -> Result<PeerServic
         registry.clone(),
         Arc::new(move |endpoint: &str| connect_ctx.channel("--peers", endpoint).map_err(|e| e.to_string())),
     );
+    // A shared store may be changed by other replicas: pick their changes up.
+    let refresh = (cfg.peer_store == PeerStoreKind::Configmap).then(|| {
+        let (store, registry) = (store.clone(), registry.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STORE_REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match store.load().await {
+                    Ok(m) => registry.set_manual(m),
+                    Err(e) => tracing::warn!(error = %e, "cannot refresh manual peers; keeping the last set"),
+                }
+            }
+        })
+    });
     let drain_ctx = ctx.clone();
     tokio::spawn(async move {
         drain_ctx.draining().await;
         let _ = drain_tx.send(true);
         discovery_task.abort();
         prober.abort();
+        if let Some(r) = refresh {
+            r.abort();
+        }
     });
 
     let api = api::PeerApi::new(registry.clone(), store, drain_rx);

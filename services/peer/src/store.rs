@@ -145,6 +145,107 @@ impl ManualStore for FileStore {
     }
 }
 
+/// Key of the peer list inside the ConfigMap.
+pub const CONFIGMAP_KEY: &str = "peers.json";
+/// Read-modify-write attempts before a conflict is reported.
+const CONFLICT_RETRIES: usize = 8;
+
+/// A ConfigMap the peer service owns, written with optimistic concurrency: each update replaces
+/// the object at the resourceVersion it read, and a concurrent writer's change (409 Conflict, or
+/// AlreadyExists on first creation) makes it read and apply the change again. Needs `get`,
+/// `create` and `update` on that ConfigMap.
+pub struct ConfigMapStore {
+    api: kube::Api<k8s_openapi::api::core::v1::ConfigMap>,
+    namespace: String,
+    name: String,
+}
+
+impl ConfigMapStore {
+    /// The ConfigMap `name` in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> Arc<Self> {
+        Arc::new(ConfigMapStore {
+            api: kube::Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> PeerError {
+        PeerError::Store {
+            path: self.describe(),
+            reason: e.to_string(),
+        }
+    }
+
+    async fn read(&self) -> Result<(Option<k8s_openapi::api::core::v1::ConfigMap>, ManualPeers), PeerError> {
+        let cm = self.api.get_opt(&self.name).await.map_err(|e| self.err(e))?;
+        let peers = match cm
+            .as_ref()
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get(CONFIGMAP_KEY))
+        {
+            Some(text) => decode(text, &self.describe())?,
+            None => ManualPeers::default(),
+        };
+        Ok((cm, peers))
+    }
+}
+
+impl ManualStore for ConfigMapStore {
+    fn describe(&self) -> String {
+        format!("configmap {}/{}", self.namespace, self.name)
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<ManualPeers, PeerError>> {
+        Box::pin(async move { Ok(self.read().await?.1) })
+    }
+
+    fn update(&self, change: Change) -> BoxFuture<'_, Result<ManualPeers, PeerError>> {
+        Box::pin(async move {
+            use k8s_openapi::api::core::v1::ConfigMap;
+            use kube::api::PostParams;
+            for attempt in 0..CONFLICT_RETRIES {
+                let (cm, current) = self.read().await?;
+                let next = change(&current)?;
+                let text = encode(&next);
+                let result = match cm {
+                    Some(mut cm) => {
+                        // `metadata.resourceVersion` stays as read: the server refuses the
+                        // replace with 409 if anyone wrote in between.
+                        cm.data
+                            .get_or_insert_with(Default::default)
+                            .insert(CONFIGMAP_KEY.into(), text);
+                        self.api.replace(&self.name, &PostParams::default(), &cm).await
+                    }
+                    None => {
+                        let cm = ConfigMap {
+                            metadata: kube::api::ObjectMeta {
+                                name: Some(self.name.clone()),
+                                labels: Some(
+                                    [("app.kubernetes.io/managed-by".to_string(), "peervault-peer".to_string())].into(),
+                                ),
+                                ..Default::default()
+                            },
+                            data: Some([(CONFIGMAP_KEY.to_string(), text)].into()),
+                            ..Default::default()
+                        };
+                        self.api.create(&PostParams::default(), &cm).await
+                    }
+                };
+                match result {
+                    Ok(_) => return Ok(next),
+                    Err(kube::Error::Api(st)) if st.is_conflict() || st.is_already_exists() => {
+                        tracing::debug!(store = %self.describe(), attempt, "concurrent write; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(10 * (attempt as u64 + 1))).await;
+                    }
+                    Err(e) => return Err(self.err(e)),
+                }
+            }
+            Err(PeerError::Conflict(self.describe()))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,10 @@
 //! MODIFIED, DELETED, BOOKMARK, ERROR 410), plus a malformed object, an object without a
 //! resourceVersion and a dropped connection. The membership view is checked after each step.
 //!
+//! The ConfigMap store of manual peers is tested against a stateful stand-in of the ConfigMap
+//! API (GET, create, replace with resourceVersion, 404/409 Status answers): two stores writing
+//! at once both land, and an injected concurrent write is retried.
+//!
 //! What this does not cover: a real API server's authentication, RBAC, pagination (`continue`),
 //! the StreamingList initial strategy, and real kubelet/EndpointSlice controller behaviour.
 
@@ -415,4 +419,213 @@ async fn endpointslice_watcher_follows_list_watch_and_recovers_from_errors() {
     assert!(errors() >= 3, "every error is counted: {}", errors());
     assert!(!task.is_finished(), "the watcher keeps running");
     task.abort();
+}
+
+/// A stateful stand-in for the ConfigMap part of the API: GET, POST (create) and PUT (replace)
+/// with resourceVersion checks, answering 404/409 Status objects as the API server does. The
+/// first replace is refused with 409 after a simulated concurrent write.
+mod configmap_api {
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::{Value, json};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    #[derive(Default)]
+    pub struct State {
+        pub object: Option<Value>,
+        pub rv: u64,
+        pub conflicts_served: u64,
+        pub inject_conflict: bool,
+    }
+
+    pub async fn start(state: Arc<Mutex<State>>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { return };
+                tokio::spawn(conn(sock, state.clone()));
+            }
+        });
+        url
+    }
+
+    fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
+        (
+            code,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": message, "reason": reason,
+                   "details": {"name": "peervault-peers", "kind": "configmaps"}, "code": code}),
+        )
+    }
+
+    fn handle(state: &Mutex<State>, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let mut st = state.lock().unwrap();
+        let base = "/api/v1/namespaces/store/configmaps";
+        let one = format!("{base}/peervault-peers");
+        let path = path.split('?').next().unwrap_or_default();
+        match (method, path) {
+            ("GET", p) if p == one => match &st.object {
+                Some(o) => (200, o.clone()),
+                None => status(404, "NotFound", "configmaps \"peervault-peers\" not found"),
+            },
+            ("POST", p) if p == base => {
+                if st.object.is_some() {
+                    st.conflicts_served += 1;
+                    return status(409, "AlreadyExists", "configmaps \"peervault-peers\" already exists");
+                }
+                let mut o: Value = serde_json::from_slice(body).unwrap();
+                st.rv += 1;
+                o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                o["metadata"]["namespace"] = json!("store");
+                st.object = Some(o.clone());
+                (201, o)
+            }
+            ("PUT", p) if p == one => {
+                let mut o: Value = serde_json::from_slice(body).unwrap();
+                let sent = o["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if st.inject_conflict {
+                    // Another replica writes first.
+                    st.inject_conflict = false;
+                    st.rv += 1;
+                    let rv = st.rv.to_string();
+                    if let Some(obj) = st.object.as_mut() {
+                        obj["metadata"]["resourceVersion"] = json!(rv);
+                    }
+                }
+                if sent != st.rv.to_string() {
+                    st.conflicts_served += 1;
+                    return status(
+                        409,
+                        "Conflict",
+                        "Operation cannot be fulfilled on configmaps \"peervault-peers\": the object has been modified; please apply your changes to the latest version and try again",
+                    );
+                }
+                st.rv += 1;
+                o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                st.object = Some(o.clone());
+                (200, o)
+            }
+            _ => status(404, "NotFound", "no such path"),
+        }
+    }
+
+    async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>) {
+        let mut buf = Vec::new();
+        loop {
+            let (head, pos) = loop {
+                if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break (String::from_utf8_lossy(&buf[..pos]).to_string(), pos + 4);
+                }
+                let mut chunk = [0u8; 4096];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < pos + len {
+                let mut chunk = [0u8; 4096];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body: Vec<u8> = buf[pos..pos + len].to_vec();
+            buf.drain(..pos + len);
+            let mut parts = head.split(' ');
+            let method = parts.next().unwrap_or_default().to_string();
+            let path = parts.next().unwrap_or_default().to_string();
+            let (code, value) = handle(&state, &method, &path, &body);
+            let text = value.to_string();
+            let resp = format!(
+                "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+            if sock.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_agree_through_the_configmap_store() {
+    use peervault_peer::{
+        registry::ManualPeer,
+        store::{CONFIGMAP_KEY, ConfigMapStore, ManualStore},
+    };
+    let state: Arc<std::sync::Mutex<configmap_api::State>> = Arc::default();
+    let url = configmap_api::start(state.clone()).await;
+    let client = || kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let a = ConfigMapStore::new(client(), "store", "peervault-peers");
+    let b = ConfigMapStore::new(client(), "store", "peervault-peers");
+    assert_eq!(a.load().await.unwrap(), ManualPeers::default(), "no ConfigMap yet");
+
+    let add = |id: String| -> peervault_peer::store::Change {
+        Box::new(move |cur: &ManualPeers| {
+            let mut n = cur.clone();
+            n.added.insert(
+                id.clone(),
+                ManualPeer {
+                    address: "10.0.0.1".into(),
+                    port: 8082,
+                    metadata: Default::default(),
+                    created_at_ms: 1,
+                },
+            );
+            Ok(n)
+        })
+    };
+    // The first write creates it.
+    a.update(add("first".into())).await.unwrap();
+    // A concurrent writer gets in first once: the replace is retried on the new version.
+    state.lock().unwrap().inject_conflict = true;
+    b.update(add("second".into())).await.unwrap();
+    assert!(state.lock().unwrap().conflicts_served >= 1);
+    // Both replicas writing at once: every change lands.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (a, b) = (a.clone(), b.clone());
+        let add_a = add(format!("a{i}"));
+        let add_b = add(format!("b{i}"));
+        tasks.push(tokio::spawn(async move { a.update(add_a).await.unwrap() }));
+        tasks.push(tokio::spawn(async move { b.update(add_b).await.unwrap() }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let from_a = a.load().await.unwrap();
+    assert_eq!(from_a, b.load().await.unwrap(), "both replicas read the same set");
+    assert_eq!(from_a.added.len(), 18, "{:?}", from_a.added.keys().collect::<Vec<_>>());
+    let stored = state.lock().unwrap().object.clone().unwrap();
+    assert!(
+        stored["data"][CONFIGMAP_KEY]
+            .as_str()
+            .unwrap()
+            .contains("\"format\": 1")
+    );
+    // A refused change writes nothing.
+    let rv = state.lock().unwrap().rv;
+    let err = a
+        .update(Box::new(|_| {
+            Err(peervault_peer::PeerError::InvalidArgument("no".into()))
+        }))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, peervault_peer::PeerError::InvalidArgument(_)));
+    assert_eq!(state.lock().unwrap().rv, rv);
 }

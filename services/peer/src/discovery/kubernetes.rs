@@ -52,21 +52,28 @@ impl KubernetesDiscovery {
         let service = service.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
             PeerError::Config("--discovery kubernetes needs --kube-service (the blob headless Service)".into())
         })?;
-        let client = Client::try_default().await.map_err(|e| {
-            PeerError::Config(format!(
-                "--discovery kubernetes: no Kubernetes configuration (in-cluster service account or kubeconfig): {e}"
-            ))
-        })?;
-        let namespace = match namespace {
-            Some(ns) => ns.to_string(),
-            None => std::fs::read_to_string(NAMESPACE_FILE)
-                .map(|s| s.trim().to_string())
-                .ok()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| client.default_namespace().to_string()),
-        };
+        let (client, namespace) = client_from_environment("--discovery kubernetes", namespace).await?;
         Ok(Self::new(client, &namespace, service, port_name))
     }
+}
+
+/// A client from the in-cluster configuration (or a kubeconfig), and the namespace to use:
+/// `namespace` when given, else the pod's own, else the configuration's default.
+pub async fn client_from_environment(what: &str, namespace: Option<&str>) -> Result<(Client, String), PeerError> {
+    let client = Client::try_default().await.map_err(|e| {
+        PeerError::Config(format!(
+            "{what}: no Kubernetes configuration (in-cluster service account or kubeconfig): {e}"
+        ))
+    })?;
+    let namespace = match namespace {
+        Some(ns) => ns.to_string(),
+        None => std::fs::read_to_string(NAMESPACE_FILE)
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| client.default_namespace().to_string()),
+    };
+    Ok((client, namespace))
 }
 
 /// The endpoints of a set of slices. A pod is identified by its name (`targetRef`), else its
