@@ -612,3 +612,40 @@ async fn shutdown_closes_websockets_and_ends_streams_then_exits_zero() {
     let st = node.wait_exit(WAIT);
     assert!(st.success(), "{st:?}");
 }
+
+#[tokio::test]
+async fn publishers_send_to_every_events_pod_listed_or_resolved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _) = quiet_events().data_dir(&tmp.path().join("a")).start_events();
+    // Pods of one cluster share a CA: the second pod and the publisher use copies of the first's.
+    for d in ["b", "p"] {
+        copy_dir(&a.tls_dir(), &tmp.path().join(d).join("tls"));
+    }
+    let (b, _) = quiet_events().data_dir(&tmp.path().join("b")).start_events();
+    // One by address, one by name (resolved through DNS, verified as `localhost`).
+    let endpoints = format!("127.0.0.1:{},localhost:{}", a.grpc.port(), b.grpc.port());
+    let peer = NodeBuilder::new("peer")
+        .data_dir(&tmp.path().join("p"))
+        .arg("--node-id")
+        .arg("peer-y")
+        .arg("--events-endpoint")
+        .arg(&endpoints)
+        .arg("--metrics-interval")
+        .arg("200ms")
+        .start();
+    for node in [&a, &b] {
+        let mut sub = subscribe(
+            node,
+            SubscribeRequest {
+                types: vec!["storage_metrics".into()],
+                source: "peer/peer-y".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        let e = next(&mut sub).await;
+        let data: Value = serde_json::from_str(&e.data_json).unwrap();
+        assert!(data["totalSpace"].is_u64() && data["usagePercent"].is_number(), "{data}");
+    }
+    peer.wait_metric("peervault_events_client_endpoints", &[], |v| v == 2.0);
+}
