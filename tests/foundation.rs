@@ -667,3 +667,20 @@ async fn a_call_crossing_two_services_is_one_trace() {
         "{attrs:?}"
     );
 }
+
+#[tokio::test]
+async fn clients_of_the_published_package_name_are_served() {
+    // Clients generated from the published proto call `/peervault.PeerVaultService/...`.
+    let node = Node::start("all");
+    let mut grpc = tonic::client::Grpc::new(node.channel().await);
+    grpc.ready().await.unwrap();
+    let resp: tonic::Response<peervault_proto::v1::SystemInfoResponse> = grpc
+        .unary(
+            tonic::Request::new(()),
+            http::uri::PathAndQuery::from_static("/peervault.PeerVaultService/GetSystemInfo"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.into_inner().version, env!("CARGO_PKG_VERSION"));
+}

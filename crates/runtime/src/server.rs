@@ -394,6 +394,9 @@ impl Runtime {
 
         // The layer stack, outermost first. Order matters:
         let layers = tower::ServiceBuilder::new()
+            // 0. compatibility: clients generated from the published `peervault` package call
+            //    `/peervault.PeerVaultService/…`; the same messages are served under `peervault.v1`;
+            .map_request(legacy_package_path)
             // 1. tracing: a span per call continuing the caller's trace, so every later layer's
             //    logs (auth refusals included) carry the trace id;
             .layer(ServerTraceLayer)
@@ -492,6 +495,22 @@ impl Runtime {
         telemetry.shutdown().await;
         result.map_err(StartError::Serve)
     }
+}
+
+/// The published PeerVault API lives in the proto package `peervault`; ours is `peervault.v1`
+/// with the same messages and field numbers. Rewriting the path lets existing clients work.
+fn legacy_package_path<B>(mut req: http::Request<B>) -> http::Request<B> {
+    const LEGACY: &str = "/peervault.PeerVaultService/";
+    if let Some(method) = req.uri().path().strip_prefix(LEGACY) {
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = http::uri::PathAndQuery::try_from(format!("/peervault.v1.PeerVaultService/{method}")) {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -1,0 +1,364 @@
+//! Blob data-path benchmark (`cargo bench --bench blob`): 1 GiB single-stream upload and download
+//! over mTLS on loopback, and 4 KiB puts/gets with 32 concurrent streams on one channel, each
+//! printed beside this machine's limits measured in the same run (raw loopback TLS stream
+//! throughput and raw sequential disk write with fsync). Prints one JSON document.
+//!
+//! Sizes can be reduced for a quick look: `PV_BENCH_MIB=256 PV_BENCH_SMALL_OPS=2000`.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use peervault_proto::v1::{FileChunk, FileRequest, file_service_client::FileServiceClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const MIB: usize = 1024 * 1024;
+
+fn env_usize(k: &str, d: usize) -> usize {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+/// Fast deterministic pseudo-random fill (xorshift), so content never deduplicates.
+fn fill(buf: &mut [u8], seed: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let b = seed.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+struct Server {
+    child: Child,
+    grpc: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peervault"))
+        .args(["serve", "all", "--data-dir"])
+        .arg(dir)
+        .args(["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "--log", "warn,peervault_runtime=info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start peervault");
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    let grpc = loop {
+        let line = lines.next().expect("server exited before ready").expect("read");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "peervault ready" {
+            break v["grpc_addr"].as_str().expect("grpc_addr").parse().expect("addr");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Server {
+        child,
+        grpc,
+        dir: dir.to_path_buf(),
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples a process's RSS until stopped; returns the peak.
+fn rss_sampler(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let h = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !s.load(Ordering::Relaxed) {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    });
+    (stop, h)
+}
+
+async fn channel(server: &Server) -> Channel {
+    let tls = server.dir.join("tls");
+    let read = |f: &str| std::fs::read(tls.join(f)).expect("tls file");
+    let cfg = ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(Certificate::from_pem(read("ca.crt")))
+        .identity(Identity::from_pem(read("client.crt"), read("client.key")));
+    Endpoint::from_shared(format!("https://{}", server.grpc))
+        .expect("uri")
+        .initial_stream_window_size(Some(4 * MIB as u32))
+        .initial_connection_window_size(Some(8 * MIB as u32))
+        .tcp_nodelay(true)
+        .tls_config(cfg)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// Raw loopback TLS throughput with the same certificates and crypto provider: MB/s.
+async fn loopback_tls_mbps(tls_dir: &Path, bytes: usize) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let files = peervault_runtime::tls::TlsFiles {
+        cert: tls_dir.join("server.crt"),
+        key: tls_dir.join("server.key"),
+        client_ca: tls_dir.join("ca.crt"),
+    };
+    let server_cfg = peervault_runtime::tls::server_config(&files, peervault_runtime::config::ClientAuth::Required)
+        .expect("server config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut s = acceptor.accept(tcp).await.expect("handshake");
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0usize;
+        loop {
+            let r = s.read(&mut buf).await.expect("read");
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        n
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    for c in peervault_runtime::tls::read_certs("ca", &tls_dir.join("ca.crt")).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let certs = peervault_runtime::tls::read_certs("cert", &tls_dir.join("client.crt")).expect("cert");
+    let key = peervault_runtime::tls::read_key("key", &tls_dir.join("client.key")).expect("key");
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .expect("client config");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let mut c = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    let mut block = vec![0u8; 256 * 1024];
+    let mut seed = 7u64;
+    fill(&mut block, &mut seed);
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        c.write_all(&block).await.expect("write");
+        sent += block.len();
+    }
+    c.shutdown().await.expect("shutdown");
+    let got = srv.await.expect("server task");
+    assert_eq!(got, sent);
+    sent as f64 / 1e6 / start.elapsed().as_secs_f64()
+}
+
+/// Raw sequential disk write: (MB/s with one fsync at the end, MB/s with fdatasync per 1 MiB).
+fn disk_write_mbps(dir: &Path, bytes: usize) -> (f64, f64) {
+    let mut block = vec![0u8; MIB];
+    let mut seed = 11u64;
+    fill(&mut block, &mut seed);
+    let path = dir.join("disk-bench.bin");
+    let start = Instant::now();
+    let mut f = std::fs::File::create(&path).expect("create");
+    for _ in 0..bytes / MIB {
+        f.write_all(&block).expect("write");
+    }
+    f.sync_all().expect("fsync");
+    let once = bytes as f64 / 1e6 / start.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    let start = Instant::now();
+    let mut f = std::fs::File::create(&path).expect("create");
+    for _ in 0..bytes / MIB {
+        f.write_all(&block).expect("write");
+        f.sync_data().expect("fdatasync");
+    }
+    let each = bytes as f64 / 1e6 / start.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    (once, each)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn small_ops(ch: &Channel, ops: usize, concurrency: usize, get: bool) -> (f64, f64, f64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let ch = ch.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = FileServiceClient::new(ch);
+            let mut lat = Vec::new();
+            let mut seed = 1000 + t as u64;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= ops {
+                    break;
+                }
+                let key = format!("small/{i:08}");
+                let t0 = Instant::now();
+                if get {
+                    let mut s = c.download_file(FileRequest { key }).await.expect("get").into_inner();
+                    let mut n = 0;
+                    while let Some(m) = s.message().await.expect("get stream") {
+                        n += m.data.len();
+                    }
+                    assert_eq!(n, 4096);
+                } else {
+                    fill(&mut buf, &mut seed);
+                    let msg = FileChunk {
+                        file_key: key,
+                        data: Bytes::copy_from_slice(&buf),
+                        is_last: true,
+                        ..Default::default()
+                    };
+                    c.upload_file(tokio_stream::iter([msg])).await.expect("put");
+                }
+                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    (ops as f64 / secs, percentile(&all, 0.5), percentile(&all, 0.99))
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mib = env_usize("PV_BENCH_MIB", 1024);
+    let small = env_usize("PV_BENCH_SMALL_OPS", 20_000);
+    let bytes = mib * MIB;
+    let work = tempfile::Builder::new().prefix("pv-bench").tempdir_in(std::env::var("PV_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).expect("tempdir");
+    let server = start_server(&work.path().join("data"));
+    let pid = server.child.id();
+    let idle_rss = rss_kib(pid);
+
+    let tls_mbps = loopback_tls_mbps(&server.dir.join("tls"), bytes).await;
+    let (disk_once, disk_each) = disk_write_mbps(work.path(), bytes);
+    let limit = tls_mbps.min(disk_once);
+
+    let ch = channel(&server).await;
+    // 1 GiB upload, 1 MiB messages generated on the fly.
+    let (stop, sampler) = rss_sampler(pid);
+    let base = rss_kib(pid);
+    let start = Instant::now();
+    let (tx, rx) = tokio::sync::mpsc::channel::<FileChunk>(4);
+    let producer = tokio::spawn(async move {
+        let mut seed = 42u64;
+        let mut buf = vec![0u8; MIB];
+        for i in 0..bytes / MIB {
+            fill(&mut buf, &mut seed);
+            let msg = FileChunk {
+                file_key: "bench/big".into(),
+                data: Bytes::copy_from_slice(&buf),
+                offset: (i * MIB) as i64,
+                is_last: i == bytes / MIB - 1,
+                ..Default::default()
+            };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    FileServiceClient::new(ch.clone())
+        .upload_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("upload");
+    let up_secs = start.elapsed().as_secs_f64();
+    producer.await.expect("producer");
+    stop.store(true, Ordering::Relaxed);
+    let up_peak = sampler.join().expect("sampler");
+    let up_mbps = bytes as f64 / 1e6 / up_secs;
+
+    let (stop, sampler) = rss_sampler(pid);
+    let start = Instant::now();
+    let mut s = FileServiceClient::new(ch.clone())
+        .download_file(FileRequest { key: "bench/big".into() })
+        .await
+        .expect("download")
+        .into_inner();
+    let mut got = 0usize;
+    while let Some(m) = s.message().await.expect("download stream") {
+        got += m.data.len();
+    }
+    assert_eq!(got, bytes);
+    let down_secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let down_peak = sampler.join().expect("sampler");
+    let down_mbps = bytes as f64 / 1e6 / down_secs;
+
+    let (put_ops, put_p50, put_p99) = small_ops(&ch, small, 32, false).await;
+    let (get_ops, get_p50, get_p99) = small_ops(&ch, small, 32, true).await;
+
+    let report = serde_json::json!({
+        "machine": {
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "loopback_tls_mbps": tls_mbps,
+            "disk_seq_write_fsync_end_mbps": disk_once,
+            "disk_seq_write_fsync_per_mib_mbps": disk_each,
+            "limit_mbps": limit,
+        },
+        "upload_1gib": {
+            "bytes": bytes,
+            "mbps": up_mbps,
+            "fraction_of_limit": up_mbps / limit,
+            "target_fraction": 0.60,
+            "server_rss_peak_extra_mib": (up_peak.saturating_sub(base)) as f64 / 1024.0,
+        },
+        "download_1gib": {
+            "mbps": down_mbps,
+            "fraction_of_limit": down_mbps / limit,
+            "target_fraction": 0.75,
+            "server_rss_peak_extra_mib": (down_peak.saturating_sub(base)) as f64 / 1024.0,
+        },
+        "put_4kib_32_streams": { "ops": small, "ops_per_sec": put_ops, "p50_ms": put_p50, "p99_ms": put_p99, "target_ops_per_sec": 2500, "target_p99_ms": 30 },
+        "get_4kib_32_streams": { "ops": small, "ops_per_sec": get_ops, "p50_ms": get_p50, "p99_ms": get_p99, "target_ops_per_sec": 15000 },
+        "server_idle_rss_mib": idle_rss as f64 / 1024.0,
+        "server_rss_after_mib": rss_kib(pid) as f64 / 1024.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+}
