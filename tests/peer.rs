@@ -671,6 +671,25 @@ async fn dns_discovery_follows_srv_records_of_a_real_dns_server() {
         peer.metric("peervault_peer_discovery_errors_total", &[]).unwrap_or(0.0),
         0.0
     );
+
+    // A/AAAA mode: the name's addresses with the port from --dns-port.
+    let mut args = vec![
+        s("--discovery"),
+        s("dns"),
+        s("--dns-name"),
+        s("blobs-a.test"),
+        s("--dns-port"),
+        blobs[0].grpc.port().to_string(),
+        s("--dns-server"),
+        dns_addr.to_string(),
+        s("--dns-interval"),
+        s("300ms"),
+    ];
+    args.extend(probe_flags());
+    let by_a = cluster.node("peer", &args);
+    let mut client = peers(&by_a).await;
+    let want = format!("127.0.0.1:{}", blobs[0].grpc.port());
+    wait_statuses(&mut client, &all(&[want], "healthy")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
