@@ -35,8 +35,16 @@ impl Upstreams {
     pub fn from_context(ctx: &ServiceContext, hosts_peer: bool, hosts_events: bool) -> Upstreams {
         let own = ctx.self_endpoint();
         Upstreams {
-            peer: ctx.config.peer_endpoint.clone().or_else(|| hosts_peer.then(|| own.clone())),
-            events: ctx.config.events_endpoint.clone().or_else(|| hosts_events.then(|| own.clone())),
+            peer: ctx
+                .config
+                .peer_endpoint
+                .clone()
+                .or_else(|| hosts_peer.then(|| own.clone())),
+            events: ctx
+                .config
+                .events_endpoint
+                .clone()
+                .or_else(|| hosts_events.then(|| own.clone())),
         }
     }
 }

@@ -141,10 +141,16 @@ impl BlobMetrics {
                 HistogramOpts::new(names::COMMIT_SECONDS, "Index commit time including fsync.")
                     .buckets(prometheus::exponential_buckets(0.0001, 2.5, 12)?),
             )?,
-            gc_chunks: IntCounter::new(names::GC_CHUNKS_COLLECTED_TOTAL, "Chunks deleted by garbage collection.")?,
+            gc_chunks: IntCounter::new(
+                names::GC_CHUNKS_COLLECTED_TOTAL,
+                "Chunks deleted by garbage collection.",
+            )?,
             gc_bytes: IntCounter::new(names::GC_BYTES_FREED_TOTAL, "Bytes freed by garbage collection.")?,
             uploads_expired: IntCounter::new(names::UPLOADS_EXPIRED_TOTAL, "Abandoned uploads expired.")?,
-            errors: IntCounterVec::new(Opts::new(names::ERRORS_TOTAL, "Failed requests by error kind."), &["kind"])?,
+            errors: IntCounterVec::new(
+                Opts::new(names::ERRORS_TOTAL, "Failed requests by error kind."),
+                &["kind"],
+            )?,
             recovery_removed: IntCounterVec::new(
                 Opts::new(names::RECOVERY_REMOVED_TOTAL, "Leftovers removed by recovery, by kind."),
                 &["kind"],

@@ -5,9 +5,9 @@
 //! context carried along.
 
 use peervault_proto::v1::{
-    AddPeerRequest, DeleteFileResponse, FileChunk, FileOperationEvent, FileRequest, FileResponse, ListFilesRequest,
-    ListFilesResponse, UpdateFileMetadataRequest, HealthResponse, ListPeersResponse, MetricsResponse, PeerEvent,
-    PeerHealthResponse, PeerRequest, PeerResponse, RemovePeerResponse, SystemEvent, SystemInfoResponse,
+    AddPeerRequest, DeleteFileResponse, FileChunk, FileOperationEvent, FileRequest, FileResponse, HealthResponse,
+    ListFilesRequest, ListFilesResponse, ListPeersResponse, MetricsResponse, PeerEvent, PeerHealthResponse,
+    PeerRequest, PeerResponse, RemovePeerResponse, SystemEvent, SystemInfoResponse, UpdateFileMetadataRequest,
     event_service_client::EventServiceClient, peer_service_client::PeerServiceClient,
     peer_vault_service_server::PeerVaultService,
 };

@@ -76,7 +76,10 @@ pub fn metadata(map: &HashMap<String, String>) -> Result<()> {
 /// Checks a name or content type.
 pub fn short_text(what: &str, s: &str) -> Result<()> {
     if s.len() > MAX_NAME_LEN {
-        return Err(BlobError::invalid(format!("{what} is {} bytes; the limit is {MAX_NAME_LEN}", s.len())));
+        return Err(BlobError::invalid(format!(
+            "{what} is {} bytes; the limit is {MAX_NAME_LEN}",
+            s.len()
+        )));
     }
     if s.chars().any(|c| c.is_control()) {
         return Err(BlobError::invalid(format!("{what} contains a control character")));
@@ -103,7 +106,10 @@ pub fn blob_key(raw: &[u8]) -> Result<[u8; 32]> {
 
 /// A content type guessed from a file name's extension; `application/octet-stream` otherwise.
 pub fn sniff_content_type(name: &str) -> &'static str {
-    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "txt" | "log" => "text/plain",
         "md" => "text/markdown",

@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use peervault_proto::v1::{
-    BlobChunk, BlobMetadata, DeleteBlobRequest, DeleteBlobResponse, GetBlobRequest, ListBlobsRequest,
-    StatBlobRequest, blob_service_server::BlobService,
+    BlobChunk, BlobMetadata, DeleteBlobRequest, DeleteBlobResponse, GetBlobRequest, ListBlobsRequest, StatBlobRequest,
+    blob_service_server::BlobService,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -145,7 +145,11 @@ impl BlobService for BlobApi {
             let mut after = req.start_after.to_vec();
             let mut sent = 0usize;
             loop {
-                let page = if limit == 0 { LIST_PAGE } else { (limit - sent).min(LIST_PAGE) };
+                let page = if limit == 0 {
+                    LIST_PAGE
+                } else {
+                    (limit - sent).min(LIST_PAGE)
+                };
                 let (s, prefix, a) = (store.clone(), req.prefix.to_vec(), after.clone());
                 let batch = match tokio::task::spawn_blocking(move || s.list_blobs(&prefix, &a, page)).await {
                     Ok(Ok(b)) => b,
@@ -187,7 +191,13 @@ mod tests {
         assert_eq!(resolve_range(0, 0, None).unwrap(), (0, 0));
         assert!(matches!(resolve_range(10, 11, None), Err(BlobError::OutOfRange(_))));
         assert!(matches!(resolve_range(10, 0, Some(11)), Err(BlobError::OutOfRange(_))));
-        assert!(matches!(resolve_range(10, 7, Some(3)), Err(BlobError::InvalidArgument(_))));
-        assert!(matches!(resolve_range(10, -1, None), Err(BlobError::InvalidArgument(_))));
+        assert!(matches!(
+            resolve_range(10, 7, Some(3)),
+            Err(BlobError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            resolve_range(10, -1, None),
+            Err(BlobError::InvalidArgument(_))
+        ));
     }
 }

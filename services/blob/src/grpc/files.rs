@@ -12,9 +12,12 @@ use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 use super::{BlobApi, MAX_FRAME, STREAM_BUFFER};
 use crate::{
     error::BlobError,
-    store::{MetadataPatch, hex, now_ns, records::FileRec},
+    store::{Ingest, MetadataPatch, hex, now_ns, records::FileRec},
     validate,
 };
+
+/// Messages queued for an upload's writer thread.
+const WRITE_QUEUE: usize = 2;
 
 /// Default and largest page of ListFiles.
 const DEFAULT_PAGE: usize = 100;
@@ -49,6 +52,7 @@ impl BlobApi {
         };
         let metadata = first.metadata.clone();
         let mut ingest = Some(self.store.ingest(None).map_err(status)?);
+        let mut pipe: Option<(mpsc::Sender<Bytes>, tokio::task::JoinHandle<Result<Ingest, BlobError>>)> = None;
         let mut next = Some(first);
         let mut offset: i64 = 0;
         let mut saw_last = false;
@@ -61,7 +65,9 @@ impl BlobApi {
                 },
             };
             if saw_last {
-                return Err(Status::invalid_argument("data after the chunk marked is_last; nothing was stored"));
+                return Err(Status::invalid_argument(
+                    "data after the chunk marked is_last; nothing was stored",
+                ));
             }
             if !msg.file_key.is_empty() && msg.file_key != key {
                 return Err(Status::invalid_argument(format!(
@@ -88,15 +94,47 @@ impl BlobApi {
             }
             offset += msg.data.len() as i64;
             saw_last = msg.is_last;
-            if !msg.data.is_empty() {
+            if msg.data.is_empty() {
+                continue;
+            }
+            if let Some((tx, _)) = &pipe {
+                if tx.send(msg.data).await.is_err() {
+                    break; // the writer stopped on an error, collected below
+                }
+            } else if msg.is_last {
+                // A one-message object (the common small put): write it right here.
                 let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
                 let data = msg.data;
-                ing = tokio::task::spawn_blocking(move || ing.write(&data).map(|_| ing))
+                ing = tokio::task::spawn_blocking(move || ing.write(&data).map(|()| ing))
                     .await
                     .map_err(|e| Status::internal(format!("write task failed: {e}")))?
                     .map_err(status)?;
                 ingest = Some(ing);
+            } else {
+                // A stream: hash and write on a thread of its own so receiving (and TLS) goes on
+                // while the disk works; the small queue is the only buffering.
+                let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
+                let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+                let handle = tokio::task::spawn_blocking(move || {
+                    while let Some(data) = rx.blocking_recv() {
+                        ing.write(&data)?;
+                    }
+                    Ok::<_, BlobError>(ing)
+                });
+                if tx.send(msg.data).await.is_err() {
+                    pipe = Some((tx, handle));
+                    break;
+                }
+                pipe = Some((tx, handle));
             }
+        }
+        if let Some((tx, handle)) = pipe.take() {
+            drop(tx);
+            let ing = handle
+                .await
+                .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+                .map_err(status)?;
+            ingest = Some(ing);
         }
         if !saw_last {
             return Err(Status::invalid_argument(
@@ -143,7 +181,20 @@ impl BlobApi {
     /// DownloadFile: the content as a stream of chunks with offsets, the last flagged.
     pub fn download_file_stream(&self, key: &str) -> Result<BoxStream<FileChunk>, Status> {
         validate::file_key(key).map_err(status)?;
-        let (f, blob) = self.store.get_file_and_blob(key).map_err(status)?;
+        let (f, blob, small) = self.store.get_small_file(key).map_err(status)?;
+        if let Some(data) = small {
+            // Small objects come out of the index in one message: no task, no queue.
+            let hash = hex(&f.blob_key);
+            let msg = FileChunk {
+                file_key: f.key,
+                data,
+                offset: 0,
+                is_last: true,
+                checksum: hash,
+                ..Default::default()
+            };
+            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        }
         let pin = self.store.pin_blob(&blob);
         let (tx, rx) = mpsc::channel::<Result<FileChunk, Status>>(STREAM_BUFFER);
         let store = self.store.clone();
@@ -219,10 +270,7 @@ impl BlobApi {
         // The published API pages by number; tokens are cheaper, numbers still work.
         if after.is_none() && req.page > 1 {
             let skip = (req.page as usize - 1).saturating_mul(size);
-            let (skipped, _) = self
-                .store
-                .list_files(&req.prefix, None, skip)
-                .map_err(status)?;
+            let (skipped, _) = self.store.list_files(&req.prefix, None, skip).map_err(status)?;
             if skipped.len() < skip {
                 return Ok(ListFilesResponse {
                     files: vec![],
@@ -248,7 +296,11 @@ impl BlobApi {
             String::new()
         };
         Ok(ListFilesResponse {
-            total: self.store.count_files(&req.prefix).map_err(status)?.min(i32::MAX as u64) as i32,
+            total: self
+                .store
+                .count_files(&req.prefix)
+                .map_err(status)?
+                .min(i32::MAX as u64) as i32,
             page: req.page.max(1),
             page_size: size as i32,
             files: files.iter().map(|f| self.file_response(f)).collect(),

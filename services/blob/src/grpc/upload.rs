@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use peervault_proto::v1::{
     UploadAck, UploadComplete, UploadMessage, UploadResponse, upload_message::Message as In,
     upload_response::Response as Out, upload_service_server::UploadService,
@@ -45,11 +46,23 @@ fn expected_hash(raw: &Bytes) -> Result<Option<[u8; 32]>, Status> {
     })
 }
 
-async fn write(ing: Ingest, data: Bytes) -> Result<(Ingest, Vec<crate::store::ChunkMeta>), Status> {
+/// While data keeps streaming in, sealed chunks are made durable (and acknowledged) once this
+/// many bytes are pending; when the client pauses, at once.
+const ACK_EVERY: u64 = 8 * 1024 * 1024;
+
+async fn write(ing: Ingest, data: Bytes) -> Result<Ingest, Status> {
     let mut ing = ing;
-    tokio::task::spawn_blocking(move || ing.write(&data).map(|done| (ing, done)))
+    tokio::task::spawn_blocking(move || ing.write(&data).map(|()| ing))
         .await
         .map_err(|e| Status::internal(format!("write task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+async fn make_durable(ing: Ingest) -> Result<(Ingest, Vec<crate::store::ChunkMeta>), Status> {
+    let mut ing = ing;
+    tokio::task::spawn_blocking(move || ing.make_durable().map(|done| (ing, done)))
+        .await
+        .map_err(|e| Status::internal(format!("sync task failed: {e}")))?
         .map_err(Status::from)
 }
 
@@ -61,8 +74,14 @@ impl BlobApi {
         out: &mpsc::Sender<Result<UploadResponse, Status>>,
     ) -> Result<(), Status> {
         let start = match input.message().await? {
-            Some(UploadMessage { message: Some(In::Start(s)) }) => s,
-            Some(_) => return Err(Status::invalid_argument("the first message of an upload must be `start`")),
+            Some(UploadMessage {
+                message: Some(In::Start(s)),
+            }) => s,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of an upload must be `start`",
+                ));
+            }
             None => return Ok(()),
         };
         if start.total_size < 0 {
@@ -100,8 +119,13 @@ impl BlobApi {
         }
 
         // Protocol errors end the upload for good; a dropped stream leaves it resumable.
+        let mut peeked = None;
         loop {
-            let msg = match input.message().await {
+            let next = match peeked.take() {
+                Some(r) => r,
+                None => input.message().await,
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     tracing::info!(upload_id = %id, received = ingest.len(), "upload stream closed before complete; resumable");
@@ -123,13 +147,24 @@ impl BlobApi {
                             if c.offset > at as i64 { "gap" } else { "overlap" }
                         )));
                     }
-                    let (ing, done) = match write(ingest, c.data).await {
+                    ingest = match write(ingest, c.data).await {
                         Ok(x) => x,
                         Err(e) => {
                             let _ = store.abort_upload(&id).await;
                             return Err(e);
                         }
                     };
+                    if ingest.pending_bytes() == 0 {
+                        continue;
+                    }
+                    if ingest.pending_bytes() < ACK_EVERY {
+                        // More data already waiting: keep streaming and sync later in one go.
+                        if let Some(r) = input.message().now_or_never() {
+                            peeked = Some(r);
+                            continue;
+                        }
+                    }
+                    let (ing, done) = make_durable(ingest).await?;
                     ingest = ing;
                     if !done.is_empty() {
                         let received = store.append_upload(&id, done.clone()).await.map_err(Status::from)?;

@@ -77,15 +77,47 @@ pub struct MetadataPatch {
 
 /// An operation for the committer.
 pub(crate) enum Op {
-    PutFile { rec: FileRec, blob: NewBlob },
-    DeleteFile { key: String, now_ns: i64 },
-    UpdateFile { key: String, patch: MetadataPatch, now_ns: i64 },
-    DeleteBlob { key: [u8; 32], now_ns: i64 },
-    CreateUpload { id: String, rec: UploadRec },
-    AppendUpload { id: String, chunk: ChunkMeta, now_ns: i64 },
-    CompleteUpload { id: String, blob: NewBlob, now_ns: i64 },
-    AbortUpload { id: String, now_ns: i64 },
-    Gc { now_ns: i64, grace_ns: i64, expiry_ns: i64, pinned: HashSet<[u8; 32]> },
+    PutFile {
+        rec: FileRec,
+        blob: NewBlob,
+    },
+    DeleteFile {
+        key: String,
+        now_ns: i64,
+    },
+    UpdateFile {
+        key: String,
+        patch: MetadataPatch,
+        now_ns: i64,
+    },
+    DeleteBlob {
+        key: [u8; 32],
+        now_ns: i64,
+    },
+    CreateUpload {
+        id: String,
+        rec: UploadRec,
+    },
+    AppendUpload {
+        id: String,
+        chunk: ChunkMeta,
+        now_ns: i64,
+    },
+    CompleteUpload {
+        id: String,
+        blob: NewBlob,
+        now_ns: i64,
+    },
+    AbortUpload {
+        id: String,
+        now_ns: i64,
+    },
+    Gc {
+        now_ns: i64,
+        grace_ns: i64,
+        expiry_ns: i64,
+        pinned: HashSet<[u8; 32]>,
+    },
 }
 
 /// What an operation answers.
@@ -102,7 +134,12 @@ pub(crate) enum Reply {
     /// Durable bytes of an upload.
     Received(u64),
     /// Collected chunk files to unlink (hash, bytes), and uploads expired.
-    Collected { files: Vec<([u8; 32], u64)>, inline: usize, bytes: u64, expired: usize },
+    Collected {
+        files: Vec<([u8; 32], u64)>,
+        inline: usize,
+        bytes: u64,
+        expired: usize,
+    },
     Done,
 }
 
@@ -284,7 +321,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             } else {
                 meta_add(txn, meta::FILE_COUNT, 1)?;
             }
-            txn.open_table(FILES)?.insert(rec.key.as_str(), rec.encode_to_vec().as_slice())?;
+            txn.open_table(FILES)?
+                .insert(rec.key.as_str(), rec.encode_to_vec().as_slice())?;
             txn.open_table(TOMBSTONES)?.remove(rec.key.as_str())?;
             Ok(Reply::File(rec, old))
         }
@@ -302,7 +340,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 deleted_ns: now_ns,
                 blob_key: old.blob_key.clone(),
             };
-            txn.open_table(TOMBSTONES)?.insert(key.as_str(), tomb.encode_to_vec().as_slice())?;
+            txn.open_table(TOMBSTONES)?
+                .insert(key.as_str(), tomb.encode_to_vec().as_slice())?;
             Ok(Reply::Deleted(old))
         }
         Op::UpdateFile { key, patch, now_ns } => {
@@ -328,7 +367,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             }
             // Time moves forward even if the clock does not.
             rec.updated_ns = now_ns.max(rec.updated_ns + 1);
-            txn.open_table(FILES)?.insert(key.as_str(), rec.encode_to_vec().as_slice())?;
+            txn.open_table(FILES)?
+                .insert(key.as_str(), rec.encode_to_vec().as_slice())?;
             Ok(Reply::File(rec, None))
         }
         Op::DeleteBlob { key, now_ns } => {
@@ -352,7 +392,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             Ok(Reply::Freed(blob_drop_if_unused(txn, &key, &rec, now_ns)?))
         }
         Op::CreateUpload { id, rec } => {
-            txn.open_table(UPLOADS)?.insert(id.as_str(), rec.encode_to_vec().as_slice())?;
+            txn.open_table(UPLOADS)?
+                .insert(id.as_str(), rec.encode_to_vec().as_slice())?;
             Ok(Reply::Done)
         }
         Op::AppendUpload { id, chunk, now_ns } => {
@@ -362,7 +403,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             rec.chunk_sizes.push(chunk.size);
             rec.received += chunk.size as u64;
             rec.updated_ns = now_ns;
-            txn.open_table(UPLOADS)?.insert(id.as_str(), rec.encode_to_vec().as_slice())?;
+            txn.open_table(UPLOADS)?
+                .insert(id.as_str(), rec.encode_to_vec().as_slice())?;
             Ok(Reply::Received(rec.received))
         }
         Op::CompleteUpload { id, blob, now_ns } => {
@@ -382,7 +424,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                         meta_add(txn, meta::LOGICAL_BYTES, blob.size as i64)?;
                     }
                     b.pinned = true;
-                    txn.open_table(BLOBS)?.insert(&blob.key[..], b.encode_to_vec().as_slice())?;
+                    txn.open_table(BLOBS)?
+                        .insert(&blob.key[..], b.encode_to_vec().as_slice())?;
                     // The blob already holds its own references to these chunks.
                     for c in &blob.chunks {
                         chunk_unref(txn, &c.hash, now_ns)?;
@@ -391,7 +434,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 }
                 None => {
                     let b = new_blob_rec(&blob, now_ns, 0, true);
-                    txn.open_table(BLOBS)?.insert(&blob.key[..], b.encode_to_vec().as_slice())?;
+                    txn.open_table(BLOBS)?
+                        .insert(&blob.key[..], b.encode_to_vec().as_slice())?;
                     meta_add(txn, meta::BLOB_COUNT, 1)?;
                     meta_add(txn, meta::LOGICAL_BYTES, blob.size as i64)?;
                     b
@@ -530,52 +574,54 @@ pub(crate) fn spawn_committer(
     metrics: crate::metrics::BlobMetrics,
     after_commit: impl Fn(Counters) + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("blob-committer".into()).spawn(move || {
-        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
+    std::thread::Builder::new()
+        .name("blob-committer".into())
+        .spawn(move || {
+            let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+            while let Some(first) = rx.blocking_recv() {
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(j) => batch.push(j),
+                        Err(_) => break,
+                    }
                 }
-            }
-            let started = Instant::now();
-            metrics.commit_batch.observe(batch.len() as f64);
-            let outcome = (|| -> Result<Vec<(oneshot::Sender<Result<Reply>>, Result<Reply>)>> {
-                let txn = db.begin_write()?;
-                let mut replies = Vec::with_capacity(batch.len());
-                for job in batch.drain(..) {
-                    match apply(&txn, job.op) {
-                        // Storage-level failures may strike half-way through an operation, so
-                        // they abort the whole transaction; refusals change nothing and do not.
-                        Err(e @ (BlobError::Index(_) | BlobError::Corrupt(_) | BlobError::Io { .. })) => {
-                            return Err(e);
+                let started = Instant::now();
+                metrics.commit_batch.observe(batch.len() as f64);
+                let outcome = (|| -> Result<Vec<(oneshot::Sender<Result<Reply>>, Result<Reply>)>> {
+                    let txn = db.begin_write()?;
+                    let mut replies = Vec::with_capacity(batch.len());
+                    for job in batch.drain(..) {
+                        match apply(&txn, job.op) {
+                            // Storage-level failures may strike half-way through an operation, so
+                            // they abort the whole transaction; refusals change nothing and do not.
+                            Err(e @ (BlobError::Index(_) | BlobError::Corrupt(_) | BlobError::Io { .. })) => {
+                                return Err(e);
+                            }
+                            r => replies.push((job.reply, r)),
                         }
-                        r => replies.push((job.reply, r)),
                     }
-                }
-                txn.commit()?;
-                Ok(replies)
-            })();
-            metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-            match outcome {
-                Ok(replies) => {
-                    // Counters first, so a caller that sees its reply also sees its effect.
-                    match read_counters(&db) {
-                        Ok(c) => after_commit(c),
-                        Err(e) => tracing::error!(error = %e, "cannot read index counters"),
+                    txn.commit()?;
+                    Ok(replies)
+                })();
+                metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                match outcome {
+                    Ok(replies) => {
+                        // Counters first, so a caller that sees its reply also sees its effect.
+                        match read_counters(&db) {
+                            Ok(c) => after_commit(c),
+                            Err(e) => tracing::error!(error = %e, "cannot read index counters"),
+                        }
+                        for (tx, r) in replies {
+                            let _ = tx.send(r);
+                        }
                     }
-                    for (tx, r) in replies {
-                        let _ = tx.send(r);
+                    Err(e) => {
+                        // Every job of the batch sees its reply channel closed and answers UNAVAILABLE.
+                        tracing::error!(error = %e, "index commit failed; the batch is refused");
+                        batch.clear();
                     }
-                }
-                Err(e) => {
-                    // Every job of the batch sees its reply channel closed and answers UNAVAILABLE.
-                    tracing::error!(error = %e, "index commit failed; the batch is refused");
-                    batch.clear();
                 }
             }
-        }
-    })
+        })
 }

@@ -131,7 +131,10 @@ impl Store {
         }
         if removed > 0 {
             sync_dir(&tmp).map_err(|e| BlobError::io("sync tmp", e))?;
-            metrics.recovery_removed.with_label_values(&["temp_file"]).inc_by(removed);
+            metrics
+                .recovery_removed
+                .with_label_values(&["temp_file"])
+                .inc_by(removed);
             tracing::info!(removed, "recovery removed temporary files of interrupted writes");
         }
         let db_path = root.join("index.redb");
@@ -244,7 +247,13 @@ impl Store {
     }
 
     fn pin(&self, hash: [u8; 32]) {
-        *self.inner.pins.lock().unwrap_or_else(|p| p.into_inner()).entry(hash).or_insert(0) += 1;
+        *self
+            .inner
+            .pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(hash)
+            .or_insert(0) += 1;
     }
 
     fn unpin(&self, hash: &[u8; 32]) {
@@ -281,7 +290,10 @@ impl Store {
 
     fn tmp_path(&self) -> PathBuf {
         let n = self.inner.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        self.inner.root.join("tmp").join(format!("{}-{n}.part", std::process::id()))
+        self.inner
+            .root
+            .join("tmp")
+            .join(format!("{}-{n}.part", std::process::id()))
     }
 
     /// Starts writing new content. `declared` is the total size if the client said it.
@@ -303,6 +315,8 @@ impl Store {
             file: None,
             chunks: Vec::new(),
             pinned: Vec::new(),
+            unsynced: Vec::new(),
+            pending: Vec::new(),
             started: Instant::now(),
             finished: false,
         })
@@ -321,8 +335,13 @@ impl Store {
     /// Reads one chunk and verifies its hash; a mismatch or a missing chunk is DATA_LOSS.
     /// Blocking.
     pub fn read_chunk(&self, hash: &[u8; 32], size: u32) -> Result<Bytes> {
-        let data = if size as usize <= INLINE_MAX && self.inline_chunk(hash)?.is_some() {
-            self.inline_chunk(hash)?.unwrap_or_default()
+        let inline = if size as usize <= INLINE_MAX {
+            self.inline_chunk(hash)?
+        } else {
+            None
+        };
+        let data = if let Some(d) = inline {
+            d
         } else {
             match fs::read(self.chunk_path(hash)) {
                 Ok(d) => Bytes::from(d),
@@ -337,6 +356,11 @@ impl Store {
                 Err(e) => return Err(BlobError::io(format!("read chunk {}", hex(hash)), e)),
             }
         };
+        self.verify(hash, size, data)
+    }
+
+    /// Checks data read for a chunk against its hash and length.
+    fn verify(&self, hash: &[u8; 32], size: u32, data: Bytes) -> Result<Bytes> {
         if data.len() != size as usize || blake3::hash(&data).as_bytes() != hash {
             self.inner.metrics.integrity_failures.inc();
             tracing::error!(chunk = %hex(hash), expected_len = size, len = data.len(), "chunk failed its hash check");
@@ -373,6 +397,31 @@ impl Store {
             Some(v) => BlobRec::decode(v.value()).map_err(|e| BlobError::Corrupt(e.to_string())),
             None => Err(BlobError::NotFound(format!("blob {} not found", hex(key)))),
         }
+    }
+
+    /// A file, its blob and, for small objects kept in the index, the verified content — all
+    /// from one snapshot, so a small read needs no other I/O.
+    pub fn get_small_file(&self, key: &str) -> Result<(FileRec, BlobRec, Option<Bytes>)> {
+        let txn = self.inner.db.begin_read()?;
+        let files = txn.open_table(index::FILES)?;
+        let f = match files.get(key)? {
+            Some(v) => FileRec::decode(v.value()).map_err(|e| BlobError::Corrupt(e.to_string()))?,
+            None => return Err(BlobError::NotFound(format!("file '{key}' not found"))),
+        };
+        let blobs = txn.open_table(index::BLOBS)?;
+        let b = match blobs.get(f.blob_key.as_slice())? {
+            Some(v) => BlobRec::decode(v.value()).map_err(|e| BlobError::Corrupt(e.to_string()))?,
+            None => return Err(BlobError::Corrupt(format!("file '{key}' points at a missing blob"))),
+        };
+        let mut inline = None;
+        if let ([h], [size]) = (b.chunk_hashes.as_slice(), b.chunk_sizes.as_slice())
+            && *size as usize <= INLINE_MAX
+            && let Ok(hash) = <[u8; 32]>::try_from(h.as_slice())
+            && let Some(v) = txn.open_table(index::INLINE)?.get(&hash[..])?
+        {
+            inline = Some(self.verify(&hash, *size, Bytes::copy_from_slice(v.value()))?);
+        }
+        Ok((f, b, inline))
     }
 
     /// A file and its blob, read in one snapshot.
@@ -453,7 +502,10 @@ impl Store {
                 break;
             }
             let Ok(key) = <[u8; 32]>::try_from(key) else { continue };
-            out.push((key, BlobRec::decode(v.value()).map_err(|e| BlobError::Corrupt(e.to_string()))?));
+            out.push((
+                key,
+                BlobRec::decode(v.value()).map_err(|e| BlobError::Corrupt(e.to_string()))?,
+            ));
             if limit > 0 && out.len() >= limit {
                 break;
             }
@@ -545,7 +597,11 @@ impl Store {
             created_ns: now,
             updated_ns: now,
         };
-        self.commit(Op::CreateUpload { id: id.to_string(), rec }).await?;
+        self.commit(Op::CreateUpload {
+            id: id.to_string(),
+            rec,
+        })
+        .await?;
         Ok(())
     }
 
@@ -605,11 +661,16 @@ impl Store {
         let mut ing = self.ingest(declared.map(|d| d.saturating_sub(rec.received)))?;
         ing.declared = declared;
         for (h, &size) in rec.chunk_hashes.iter().zip(&rec.chunk_sizes) {
-            let hash = <[u8; 32]>::try_from(h.as_slice()).map_err(|_| BlobError::Corrupt("chunk hash length".into()))?;
+            let hash =
+                <[u8; 32]>::try_from(h.as_slice()).map_err(|_| BlobError::Corrupt("chunk hash length".into()))?;
             let data = self.read_chunk(&hash, size)?;
             ing.whole.update(&data);
             ing.total += size as u64;
-            ing.chunks.push(ChunkMeta { hash, size, inline: None });
+            ing.chunks.push(ChunkMeta {
+                hash,
+                size,
+                inline: None,
+            });
         }
         Ok(ing)
     }
@@ -668,7 +729,12 @@ impl Store {
         m.gc_bytes.inc_by(bytes);
         m.uploads_expired.inc_by(expired as u64);
         if n_files + inline > 0 || expired > 0 {
-            tracing::info!(chunks = n_files + inline, bytes, uploads_expired = expired, "garbage collected");
+            tracing::info!(
+                chunks = n_files + inline,
+                bytes,
+                uploads_expired = expired,
+                "garbage collected"
+            );
         }
         Ok((n_files + inline, bytes))
     }
@@ -777,6 +843,10 @@ pub struct Ingest {
     chunks: Vec<ChunkMeta>,
     /// Chunks this ingest renamed into place and that the index does not reference yet.
     pinned: Vec<[u8; 32]>,
+    /// Chunks renamed into place by this ingest and not fsynced yet.
+    unsynced: Vec<[u8; 32]>,
+    /// Chunks sealed since the last `make_durable`.
+    pending: Vec<ChunkMeta>,
     started: Instant,
     /// Set once `finish` handed everything over to [`Finished`].
     finished: bool,
@@ -880,9 +950,9 @@ impl Ingest {
         }
     }
 
-    /// Appends data. Chunks that fill up are made durable (fsync, rename, directory fsync) and
-    /// returned so resumable uploads can record them. Blocking.
-    pub fn write(&mut self, mut data: &[u8]) -> Result<Vec<ChunkMeta>> {
+    /// Appends data. Chunks that fill up are renamed into place under their hash; they become
+    /// durable with [`Ingest::make_durable`] (or [`Ingest::finish`]). Blocking.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
         let new_total = self.total + data.len() as u64;
         match self.declared {
             Some(d) if new_total > d => {
@@ -900,7 +970,6 @@ impl Ingest {
         self.whole.update(data);
         self.total = new_total;
         let chunk_size = self.store.inner.cfg.chunk_size as usize;
-        let mut done = Vec::new();
         while !data.is_empty() {
             let room = chunk_size - self.cur_len;
             let (now, rest) = data.split_at(room.min(data.len()));
@@ -911,7 +980,8 @@ impl Ingest {
             } else {
                 if self.file.is_none() {
                     let path = self.store.tmp_path();
-                    let mut f = File::create(&path).map_err(|e| BlobError::io(format!("create {}", path.display()), e))?;
+                    let mut f =
+                        File::create(&path).map_err(|e| BlobError::io(format!("create {}", path.display()), e))?;
                     f.write_all(&self.mem).map_err(|e| BlobError::io("write chunk", e))?;
                     self.mem.clear();
                     self.file = Some((f, path));
@@ -921,11 +991,11 @@ impl Ingest {
                 }
             }
             if self.cur_len == chunk_size {
-                done.push(self.seal_chunk()?);
+                self.seal_chunk()?;
             }
             data = rest;
         }
-        Ok(done)
+        Ok(())
     }
 
     /// Makes the current chunk durable under its hash.
@@ -944,15 +1014,19 @@ impl Ingest {
                 (f, path)
             }
         };
-        f.sync_data().map_err(|e| BlobError::io("fsync chunk", e))?;
         drop(f);
-        // Pin before the rename so GC never deletes a file the index is about to reference.
+        // Pin before anything else so GC never deletes a file the index is about to reference.
         self.store.pin(hash);
         self.pinned.push(hash);
-        let dest = self.store.chunk_path(&hash);
-        fs::rename(&tmp, &dest).map_err(|e| BlobError::io(format!("rename to {}", dest.display()), e))?;
-        if let Some(dir) = dest.parent() {
-            sync_dir(dir).map_err(|e| BlobError::io("fsync chunk directory", e))?;
+        let stored = matches!(self.store.chunk_record(&hash)?, Some(r) if r.refs > 0);
+        if stored {
+            // Already durable under its name: never replace a committed chunk with a copy that
+            // is not yet on disk.
+            let _ = fs::remove_file(&tmp);
+        } else {
+            let dest = self.store.chunk_path(&hash);
+            fs::rename(&tmp, &dest).map_err(|e| BlobError::io(format!("rename to {}", dest.display()), e))?;
+            self.unsynced.push(hash);
         }
         let meta = ChunkMeta {
             hash,
@@ -960,7 +1034,36 @@ impl Ingest {
             inline: None,
         };
         self.chunks.push(meta.clone());
+        self.pending.push(meta.clone());
         Ok(meta)
+    }
+
+    /// Bytes in chunks sealed since the last [`Ingest::make_durable`].
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.iter().map(|c| c.size as u64).sum()
+    }
+
+    /// Makes every sealed chunk durable — data fsynced (by path, so whichever complete copy
+    /// holds the name is the one synced) and each chunk folder fsynced once — and returns the
+    /// chunks sealed since the last call. Deferring this from every chunk to a batch lets the
+    /// kernel write back while the upload continues. Blocking.
+    pub fn make_durable(&mut self) -> Result<Vec<ChunkMeta>> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for hash in self.unsynced.drain(..) {
+            let path = self.store.chunk_path(&hash);
+            File::open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| BlobError::io(format!("fsync {}", path.display()), e))?;
+            if let Some(d) = path.parent()
+                && !dirs.iter().any(|x| x == d)
+            {
+                dirs.push(d.to_path_buf());
+            }
+        }
+        for d in dirs {
+            sync_dir(&d).map_err(|e| BlobError::io(format!("fsync {}", d.display()), e))?;
+        }
+        Ok(std::mem::take(&mut self.pending))
     }
 
     /// Seals the last chunk and returns the content ready to commit, plus the chunks that became
@@ -974,7 +1077,6 @@ impl Ingest {
                 self.total
             )));
         }
-        let mut last = Vec::new();
         if self.chunks.is_empty() && self.file.is_none() {
             // Small object: one inline chunk (or none for empty content).
             if self.cur_len > 0 {
@@ -988,8 +1090,9 @@ impl Ingest {
                 self.cur_len = 0;
             }
         } else if self.cur_len > 0 {
-            last.push(self.seal_chunk()?);
+            self.seal_chunk()?;
         }
+        let last = self.make_durable()?;
         let key = *self.whole.finalize().as_bytes();
         let blob = NewBlob {
             key,

@@ -63,7 +63,10 @@ async fn round_trips_at_chunk_boundaries() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), cfg());
     let c = CHUNK as usize;
-    for (i, len) in [0, 1, INLINE_MAX, INLINE_MAX + 1, c, c + 1, 3 * c - 1, 3 * c].into_iter().enumerate() {
+    for (i, len) in [0, 1, INLINE_MAX, INLINE_MAX + 1, c, c + 1, 3 * c - 1, 3 * c]
+        .into_iter()
+        .enumerate()
+    {
         let data = content(i as u8, len);
         let key = format!("f{len}");
         let rec = put(&store, &key, &data).await;
@@ -96,7 +99,11 @@ async fn equal_content_is_stored_once() {
     let (n, bytes) = store.collect_garbage().await.unwrap();
     assert_eq!((n, bytes), (3, data.len() as u64));
     assert_eq!(store.stats().storage_used, 0);
-    assert!(!store.chunk_path(blake3::hash(&data[..CHUNK as usize]).as_bytes()).exists());
+    assert!(
+        !store
+            .chunk_path(blake3::hash(&data[..CHUNK as usize]).as_bytes())
+            .exists()
+    );
 }
 
 #[tokio::test]
@@ -164,10 +171,16 @@ async fn a_flipped_byte_is_data_loss() {
     let mut bytes = fs::read(&path).unwrap();
     bytes[10] ^= 1;
     fs::write(&path, bytes).unwrap();
-    assert!(matches!(store.read_chunk(&h, b.chunk_sizes[0]), Err(BlobError::DataLoss(_))));
+    assert!(matches!(
+        store.read_chunk(&h, b.chunk_sizes[0]),
+        Err(BlobError::DataLoss(_))
+    ));
     assert_eq!(store.metrics().integrity_failures.get(), 1);
     fs::remove_file(&path).unwrap();
-    assert!(matches!(store.read_chunk(&h, b.chunk_sizes[0]), Err(BlobError::DataLoss(_))));
+    assert!(matches!(
+        store.read_chunk(&h, b.chunk_sizes[0]),
+        Err(BlobError::DataLoss(_))
+    ));
 }
 
 #[tokio::test]
@@ -181,11 +194,17 @@ async fn quota_and_size_limits_refuse_before_writing() {
             ..cfg()
         },
     );
-    assert!(matches!(store.ingest(Some(200_000)), Err(BlobError::InvalidArgument(_))));
+    assert!(matches!(
+        store.ingest(Some(200_000)),
+        Err(BlobError::InvalidArgument(_))
+    ));
     assert!(matches!(store.ingest(Some(120_000)), Err(BlobError::QuotaExceeded(_))));
     let mut ing = store.ingest(None).unwrap();
     ing.write(&content(1, 90_000)).unwrap();
-    assert!(matches!(ing.write(&content(1, 20_000)), Err(BlobError::QuotaExceeded(_))));
+    assert!(matches!(
+        ing.write(&content(1, 20_000)),
+        Err(BlobError::QuotaExceeded(_))
+    ));
     drop(ing);
     put(&store, "fits", &content(1, 90_000)).await;
     assert!(tmp_is_empty(dir.path()));
@@ -196,16 +215,21 @@ async fn resumable_uploads_keep_durable_chunks_and_expire() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), cfg());
     let data = content(7, CHUNK as usize * 2 + 500);
-    store.create_upload("u1", data.len() as u64, HashMap::new()).await.unwrap();
+    store
+        .create_upload("u1", data.len() as u64, HashMap::new())
+        .await
+        .unwrap();
     let mut ing = store.ingest(Some(data.len() as u64)).unwrap();
-    let done = ing.write(&data[..CHUNK as usize + 10]).unwrap();
+    ing.write(&data[..CHUNK as usize + 10]).unwrap();
+    let done = ing.make_durable().unwrap();
     assert_eq!(store.append_upload("u1", done.clone()).await.unwrap(), CHUNK as u64);
     ing.committed(&done);
     drop(ing); // the client went away
     let rec = store.get_upload("u1").unwrap();
     let mut ing = store.resume_ingest(&rec).unwrap();
     assert_eq!(ing.len(), CHUNK as u64);
-    let done = ing.write(&data[CHUNK as usize..]).unwrap();
+    ing.write(&data[CHUNK as usize..]).unwrap();
+    let done = ing.make_durable().unwrap();
     store.append_upload("u1", done.clone()).await.unwrap();
     ing.committed(&done);
     let (fin, _) = ing.finish().unwrap();
@@ -227,7 +251,8 @@ async fn resumable_uploads_keep_durable_chunks_and_expire() {
     );
     expiring.create_upload("u2", 0, HashMap::new()).await.unwrap();
     let mut ing = expiring.ingest(None).unwrap();
-    let done = ing.write(&content(8, CHUNK as usize)).unwrap();
+    ing.write(&content(8, CHUNK as usize)).unwrap();
+    let done = ing.make_durable().unwrap();
     expiring.append_upload("u2", done.clone()).await.unwrap();
     ing.committed(&done);
     drop(ing);
