@@ -76,6 +76,27 @@ pub struct ServeConfig {
     #[arg(long, env = "PEERVAULT_TLS_CLIENT_AUTH", value_enum, default_value = "required")]
     pub tls_client_auth: ClientAuth,
 
+    /// File holding the HS256 secret that signs accepted JWTs.
+    #[arg(long, env = "PEERVAULT_JWT_HS256_SECRET_FILE", value_name = "FILE", conflicts_with = "jwt_jwks_file")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+
+    /// JWKS file with the RS256/ES256 public keys of accepted JWTs (e.g. a Kubernetes cluster's
+    /// service-account issuer keys); re-read when it changes.
+    #[arg(long, env = "PEERVAULT_JWT_JWKS_FILE", value_name = "FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+
+    /// Required `iss` of accepted JWTs.
+    #[arg(long, env = "PEERVAULT_JWT_ISSUER", value_name = "ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of accepted JWTs (one of the token's audiences must match).
+    #[arg(long, env = "PEERVAULT_JWT_AUDIENCE", value_name = "AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// YAML file mapping certificate SANs and JWT subjects to scopes (`read`, `write`, `admin`).
+    #[arg(long, env = "PEERVAULT_AUTH_CONFIG", value_name = "FILE")]
+    pub auth_config: Option<PathBuf>,
+
     /// How often certificate and key files are checked for changes (they are reloaded without a restart).
     #[arg(long, env = "PEERVAULT_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub tls_reload_interval: Duration,

@@ -24,6 +24,18 @@ pub enum Identity {
         /// All SANs, for scope mapping by SAN.
         sans: Vec<String>,
     },
+    /// A caller authenticated by an API key.
+    ApiKey {
+        /// The key's id (never the secret).
+        id: String,
+        /// The key's name.
+        name: String,
+    },
+    /// A caller authenticated by a JWT.
+    Jwt {
+        /// The token's subject.
+        subject: String,
+    },
     /// No credential was presented (possible with `--tls-client-auth optional`).
     Anonymous,
     /// The server runs with `--insecure`: nothing can be verified and every caller is trusted.
@@ -41,6 +53,8 @@ impl Identity {
         match self {
             Identity::Service { .. } => "service",
             Identity::Client { .. } => "client",
+            Identity::ApiKey { .. } => "api_key",
+            Identity::Jwt { .. } => "jwt",
             Identity::Anonymous => "anonymous",
             Identity::Insecure => "insecure",
         }
@@ -97,6 +111,8 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Identity::Service { id, .. } | Identity::Client { id, .. } => f.write_str(id),
+            Identity::ApiKey { id, name } => write!(f, "api key {name} ({id})"),
+            Identity::Jwt { subject } => write!(f, "jwt subject {subject}"),
             Identity::Anonymous => f.write_str("anonymous"),
             Identity::Insecure => f.write_str("insecure"),
         }
@@ -123,6 +139,17 @@ pub struct Caller {
     pub identity: Identity,
     /// From where.
     pub remote_addr: Option<SocketAddr>,
+    /// What the caller may do.
+    pub scopes: crate::auth::ScopeSet,
+    /// The key prefix the caller is limited to (files outside it are invisible to it).
+    pub key_prefix: Option<String>,
+}
+
+impl Caller {
+    /// Whether the caller may see or touch the file `key`.
+    pub fn may_access_key(&self, key: &str) -> bool {
+        self.key_prefix.as_deref().is_none_or(|p| key.starts_with(p))
+    }
 }
 
 #[cfg(test)]

@@ -145,6 +145,8 @@ pub struct ServiceContext {
     pub grpc_addr: SocketAddr,
     /// The SystemService implementation, for services that answer system calls too.
     pub system: SystemApi,
+    /// The auth layer's decision maker (the blob service installs its API key store here).
+    pub authorizer: Arc<crate::auth::Authorizer>,
     tls: Option<TlsFiles>,
     draining: watch::Receiver<bool>,
 }
@@ -286,6 +288,18 @@ impl Runtime {
         health.set_service_status("", ServingStatus::NotServing).await;
         let node_id = config.node_id();
         let (shutdown_tx, draining) = watch::channel(false);
+        let scopes = match &config.auth_config {
+            Some(p) => crate::auth::ScopeConfig::load(p, &config.trust_domain).map_err(StartError::Config)?,
+            None => crate::auth::ScopeConfig::defaults(&config.trust_domain),
+        };
+        let jwt = crate::auth::jwt::JwtVerifier::from_flags(
+            config.jwt_hs256_secret_file.as_deref(),
+            config.jwt_jwks_file.as_deref(),
+            config.jwt_issuer.clone(),
+            config.jwt_audience.clone(),
+        )
+        .map_err(StartError::Config)?;
+        let authorizer = Arc::new(crate::auth::Authorizer::new(config.trust_domain.clone(), scopes, jwt));
         let system = SystemApi::new(
             metrics.clone(),
             role.to_string(),
@@ -301,6 +315,7 @@ impl Runtime {
             node_id,
             grpc_addr,
             system,
+            authorizer,
             tls: tls_files,
             draining,
         };
@@ -404,7 +419,7 @@ impl Runtime {
             .layer(GrpcMetricsLayer::new(ctx.metrics.clone()))
             // 3. auth: establish the caller from the TLS connection and enforce the access table
             //    before any handler runs.
-            .layer(AuthLayer::new(cfg.trust_domain.clone(), ctx.metrics.clone()));
+            .layer(AuthLayer::new(ctx.authorizer.clone(), ctx.metrics.clone()));
         let server = tonic::transport::Server::builder()
             // Per-connection stream cap bounds the work one client can queue.
             .max_concurrent_streams(cfg.max_concurrent_streams)

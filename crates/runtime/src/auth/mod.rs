@@ -1,0 +1,512 @@
+//! The one place that decides whether a call may proceed: the access table (one entry per RPC of
+//! the protocol) and the tower layer that establishes the caller — from the verified client
+//! certificate, an API key (`x-api-key`, or `authorization: Bearer pvk_…`) or a JWT
+//! (`authorization: Bearer …`) — and enforces the table with the caller's scopes.
+
+pub mod jwt;
+pub mod scopes;
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures_util::future::{BoxFuture, FutureExt};
+use http::{Request, Response};
+use tonic::Status;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{
+    identity::{Caller, ConnInfo, Identity},
+    metrics::Metrics,
+};
+pub use scopes::{ScopeConfig, ScopeSet};
+
+/// What a caller needs to call an RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No credentials at all: health checks and reflection.
+    Public,
+    /// Only PeerVault service identities (replication, event publishing, membership watches).
+    Internal,
+    /// Any authenticated identity holding the scope.
+    Needs(Scope),
+}
+
+/// Scopes an identity may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Get, list, stat, stream events.
+    Read,
+    /// Put, delete, update metadata.
+    Write,
+    /// Peers, keys, system changes.
+    Admin,
+}
+
+impl Scope {
+    /// The scope's name as written in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+use Access::*;
+use Scope::*;
+
+/// Access rule for every RPC, by gRPC path. A test checks that every method of the protocol has
+/// exactly one entry, so a new RPC cannot ship without a decision here.
+pub const ACCESS_TABLE: &[(&str, Access)] = &[
+    ("/grpc.health.v1.Health/Check", Public),
+    ("/grpc.health.v1.Health/Watch", Public),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Public),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", Public),
+    ("/peervault.v1.FileService/UploadFile", Needs(Write)),
+    ("/peervault.v1.FileService/DownloadFile", Needs(Read)),
+    ("/peervault.v1.FileService/ListFiles", Needs(Read)),
+    ("/peervault.v1.FileService/GetFile", Needs(Read)),
+    ("/peervault.v1.FileService/DeleteFile", Needs(Write)),
+    ("/peervault.v1.FileService/UpdateFileMetadata", Needs(Write)),
+    ("/peervault.v1.BlobService/GetBlob", Needs(Read)),
+    ("/peervault.v1.BlobService/StatBlob", Needs(Read)),
+    ("/peervault.v1.BlobService/DeleteBlob", Needs(Write)),
+    ("/peervault.v1.BlobService/ListBlobs", Needs(Read)),
+    ("/peervault.v1.UploadService/Upload", Needs(Write)),
+    ("/peervault.v1.PeerService/ListPeers", Needs(Read)),
+    ("/peervault.v1.PeerService/GetPeer", Needs(Read)),
+    ("/peervault.v1.PeerService/AddPeer", Needs(Admin)),
+    ("/peervault.v1.PeerService/RemovePeer", Needs(Admin)),
+    ("/peervault.v1.PeerService/GetPeerHealth", Needs(Read)),
+    ("/peervault.v1.PeerService/WatchMembership", Internal),
+    ("/peervault.v1.EventService/StreamFileOperations", Needs(Read)),
+    ("/peervault.v1.EventService/StreamPeerEvents", Needs(Read)),
+    ("/peervault.v1.EventService/StreamSystemEvents", Needs(Read)),
+    ("/peervault.v1.EventService/Subscribe", Needs(Read)),
+    ("/peervault.v1.EventService/Publish", Internal),
+    ("/peervault.v1.SystemService/GetSystemInfo", Needs(Read)),
+    ("/peervault.v1.SystemService/GetMetrics", Needs(Read)),
+    ("/peervault.v1.SystemService/HealthCheck", Needs(Read)),
+    ("/peervault.v1.AuthService/CreateApiKey", Needs(Admin)),
+    ("/peervault.v1.AuthService/ListApiKeys", Needs(Admin)),
+    ("/peervault.v1.AuthService/RevokeApiKey", Needs(Admin)),
+    ("/peervault.v1.PeerVaultService/UploadFile", Needs(Write)),
+    ("/peervault.v1.PeerVaultService/DownloadFile", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/ListFiles", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/GetFile", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/DeleteFile", Needs(Write)),
+    ("/peervault.v1.PeerVaultService/UpdateFileMetadata", Needs(Write)),
+    ("/peervault.v1.PeerVaultService/ListPeers", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/GetPeer", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/AddPeer", Needs(Admin)),
+    ("/peervault.v1.PeerVaultService/RemovePeer", Needs(Admin)),
+    ("/peervault.v1.PeerVaultService/GetPeerHealth", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/GetSystemInfo", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/GetMetrics", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/HealthCheck", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/StreamFileOperations", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/StreamPeerEvents", Needs(Read)),
+    ("/peervault.v1.PeerVaultService/StreamSystemEvents", Needs(Read)),
+    ("/peervault.v1.ReplicationService/HasChunks", Internal),
+    ("/peervault.v1.ReplicationService/PutChunks", Internal),
+    ("/peervault.v1.ReplicationService/GetChunk", Internal),
+    ("/peervault.v1.ReplicationService/PutRecord", Internal),
+    ("/peervault.v1.ReplicationService/ListRecords", Internal),
+];
+
+/// The access rule for a path. Paths outside the protocol still need an authenticated caller
+/// (they then answer UNIMPLEMENTED), so probing unknown paths reveals nothing to strangers.
+pub fn access_for(path: &str) -> Access {
+    ACCESS_TABLE
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, a)| *a)
+        .unwrap_or(Needs(Admin))
+}
+
+/// A refusal: the status to answer with and a bounded metric label.
+pub type Refusal = (Status, &'static str);
+
+/// The longest credential accepted; anything longer is refused before parsing.
+pub const MAX_CREDENTIAL_LEN: usize = 8 * 1024;
+
+/// A credential presented in request metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A PeerVault API key (`pvk_…`).
+    ApiKey(String),
+    /// A JWT.
+    Jwt(String),
+}
+
+/// Prefix of every API key, so that secret scanners can find leaked ones.
+pub const API_KEY_PREFIX: &str = "pvk_";
+
+/// Reads the credential from `x-api-key` or `authorization: Bearer …`. A malformed header is a
+/// refusal; no header is `Ok(None)`.
+pub fn credential(headers: &http::HeaderMap) -> Result<Option<Credential>, Refusal> {
+    let unauth = |reason: &'static str, msg: &str| (Status::unauthenticated(msg.to_string()), reason);
+    if let Some(v) = headers.get("x-api-key") {
+        let v = v
+            .to_str()
+            .map_err(|_| unauth("malformed_credential", "x-api-key is not valid text"))?
+            .trim();
+        if v.is_empty() || v.len() > MAX_CREDENTIAL_LEN {
+            return Err(unauth("malformed_credential", "x-api-key is empty or too long"));
+        }
+        return Ok(Some(Credential::ApiKey(v.to_string())));
+    }
+    let Some(v) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| unauth("malformed_credential", "the authorization header is not valid text"))?;
+    if v.len() > MAX_CREDENTIAL_LEN + 7 {
+        return Err(unauth("malformed_credential", "the authorization header is too long"));
+    }
+    let Some((scheme, rest)) = v.split_once(' ') else {
+        return Err(unauth(
+            "malformed_credential",
+            "malformed authorization header: expected 'Bearer <api key or JWT>'",
+        ));
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(unauth(
+            "malformed_credential",
+            "unsupported authorization scheme: expected 'Bearer <api key or JWT>'",
+        ));
+    }
+    let token = rest.trim();
+    if token.is_empty() {
+        return Err(unauth("malformed_credential", "'Bearer' with no token after it"));
+    }
+    Ok(Some(if token.starts_with(API_KEY_PREFIX) {
+        Credential::ApiKey(token.to_string())
+    } else {
+        Credential::Jwt(token.to_string())
+    }))
+}
+
+/// What a verified API key may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyGrant {
+    /// The key's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its scopes.
+    pub scopes: ScopeSet,
+    /// The key prefix it is limited to, if any.
+    pub key_prefix: Option<String>,
+}
+
+/// Verifies API keys; the blob service provides one backed by its index.
+pub trait ApiKeyVerifier: Send + Sync + 'static {
+    /// The grant of a presented secret, or why it is refused (unknown, revoked, expired).
+    fn verify(&self, secret: &str) -> Result<ApiKeyGrant, Refusal>;
+}
+
+/// Decides calls: the access table, the scope mapping, and the credential verifiers.
+pub struct Authorizer {
+    trust_domain: String,
+    scopes: ScopeConfig,
+    jwt: Option<jwt::JwtVerifier>,
+    api_keys: std::sync::RwLock<Option<Arc<dyn ApiKeyVerifier>>>,
+}
+
+impl Authorizer {
+    /// An authorizer for `trust_domain` with a scope mapping and an optional JWT verifier.
+    pub fn new(trust_domain: String, scopes: ScopeConfig, jwt: Option<jwt::JwtVerifier>) -> Self {
+        Authorizer {
+            trust_domain,
+            scopes,
+            jwt,
+            api_keys: std::sync::RwLock::new(None),
+        }
+    }
+
+    /// Installs the API key verifier (the blob service's key store).
+    pub fn set_api_key_verifier(&self, v: Arc<dyn ApiKeyVerifier>) {
+        *self.api_keys.write().unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+
+    /// The identity a connection's certificate establishes.
+    pub fn connection_identity(&self, conn: Option<&ConnInfo>) -> Identity {
+        match conn {
+            Some(c) if c.insecure => Identity::Insecure,
+            Some(ConnInfo {
+                peer_certs: Some(certs),
+                ..
+            }) if !certs.is_empty() => Identity::from_certificate(&certs[0], &self.trust_domain),
+            _ => Identity::Anonymous,
+        }
+    }
+
+    /// Decides a call to `path` by a connection with `conn_identity` presenting `headers`.
+    pub fn decide(&self, path: &str, conn_identity: Identity, headers: &http::HeaderMap) -> Result<Caller, Refusal> {
+        let access = access_for(path);
+        let caller = |identity: Identity, scopes: ScopeSet, key_prefix: Option<String>| Caller {
+            identity,
+            remote_addr: None,
+            scopes,
+            key_prefix,
+        };
+        if access == Public {
+            return Ok(caller(conn_identity, ScopeSet::NONE, None));
+        }
+        if access == Internal {
+            return match conn_identity {
+                i if i.is_service() => Ok(caller(i, ScopeSet::ALL, None)),
+                Identity::Anonymous => Err((
+                    Status::unauthenticated(format!(
+                        "{path} is internal to PeerVault and needs a service certificate"
+                    )),
+                    "no_credentials",
+                )),
+                i => Err((
+                    Status::permission_denied(format!(
+                        "{path} is internal to PeerVault: only service identities (spiffe://<trust-domain>/peervault/<service>) may call it; caller is {i}"
+                    )),
+                    "not_a_service",
+                )),
+            };
+        }
+        let principal = match credential(headers)? {
+            Some(Credential::ApiKey(secret)) => {
+                let verifier = self.api_keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(v) = verifier else {
+                    return Err((
+                        Status::unauthenticated(
+                            "API keys are verified by blob nodes and this node has no key store: use a certificate or a JWT here",
+                        ),
+                        "api_keys_unavailable",
+                    ));
+                };
+                let g = v.verify(&secret)?;
+                caller(Identity::ApiKey { id: g.id, name: g.name }, g.scopes, g.key_prefix)
+            }
+            Some(Credential::Jwt(token)) => {
+                let Some(j) = &self.jwt else {
+                    return Err((
+                        Status::unauthenticated(
+                            "JWTs are not accepted here: no --jwt-hs256-secret-file or --jwt-jwks-file is configured",
+                        ),
+                        "jwt_not_configured",
+                    ));
+                };
+                let sub = j.verify(&token).map_err(|r| (Status::unauthenticated(r.message), r.reason))?;
+                let grant = self.scopes.for_subject(&sub);
+                caller(Identity::Jwt { subject: sub }, grant.scopes, grant.key_prefix)
+            }
+            None => match conn_identity {
+                Identity::Anonymous => {
+                    return Err((
+                        Status::unauthenticated(
+                            "no credentials: present a client certificate signed by the server's CA, an API key or a JWT",
+                        ),
+                        "no_credentials",
+                    ));
+                }
+                Identity::Client { ref sans, .. } => {
+                    let s = self.scopes.for_certificate(sans);
+                    caller(conn_identity, s, None)
+                }
+                other => caller(other, ScopeSet::ALL, None),
+            },
+        };
+        if let Needs(s) = access
+            && !principal.scopes.grants(s)
+        {
+            return Err((
+                Status::permission_denied(format!(
+                    "{path} needs scope '{}', which {} does not hold (it holds: {})",
+                    s.as_str(),
+                    principal.identity,
+                    principal.scopes.names().join(", ")
+                )),
+                "missing_scope",
+            ));
+        }
+        Ok(principal)
+    }
+}
+
+/// Establishes the [`Caller`] of every request and enforces [`ACCESS_TABLE`].
+#[derive(Clone)]
+pub struct AuthLayer {
+    inner: Arc<AuthState>,
+}
+
+struct AuthState {
+    authorizer: Arc<Authorizer>,
+    metrics: Metrics,
+}
+
+impl AuthLayer {
+    /// A layer deciding with `authorizer`, counting refusals in `metrics`.
+    pub fn new(authorizer: Arc<Authorizer>, metrics: Metrics) -> Self {
+        AuthLayer {
+            inner: Arc::new(AuthState { authorizer, metrics }),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            state: self.inner.clone(),
+        }
+    }
+}
+
+/// The service produced by [`AuthLayer`].
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    state: Arc<AuthState>,
+}
+
+impl<S, B, RB> Service<Request<B>> for AuthService<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let identity = self.state.authorizer.connection_identity(conn.as_ref());
+        let path = req.uri().path().to_string();
+        let mut caller = match self.state.authorizer.decide(&path, identity.clone(), req.headers()) {
+            Ok(c) => c,
+            Err((status, reason)) => {
+                self.state.metrics.auth_failures.with_label_values(&[reason]).inc();
+                tracing::info!(
+                    path = %path,
+                    connection = %identity,
+                    remote = ?conn.as_ref().and_then(|c| c.remote_addr),
+                    code = ?status.code(),
+                    reason,
+                    "call refused"
+                );
+                return futures_util::future::ready(Ok(status.into_http())).boxed();
+            }
+        };
+        caller.remote_addr = conn.and_then(|c| c.remote_addr);
+        tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
+        req.extensions_mut().insert(caller);
+        // Take the service that was driven to readiness and leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        inner.call(req).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rpc_of_the_protocol_has_exactly_one_entry() {
+        let methods = peervault_proto::methods();
+        for m in &methods {
+            let n = ACCESS_TABLE.iter().filter(|(p, _)| *p == m.path()).count();
+            assert_eq!(n, 1, "{} has {n} entries in ACCESS_TABLE", m.path());
+        }
+        for (p, _) in ACCESS_TABLE {
+            let known = methods.iter().any(|m| &m.path() == p)
+                || p.starts_with("/grpc.health.v1.")
+                || p.starts_with("/grpc.reflection.");
+            assert!(known, "{p} is in ACCESS_TABLE but not in the protocol");
+        }
+    }
+
+    fn authorizer() -> Authorizer {
+        Authorizer::new("peervault.local".into(), ScopeConfig::defaults("peervault.local"), None)
+    }
+
+    fn authorize(path: &str, id: &Identity) -> Result<Caller, Refusal> {
+        authorizer().decide(path, id.clone(), &http::HeaderMap::new())
+    }
+
+    #[test]
+    fn credentials_are_parsed_and_malformed_ones_refused() {
+        let h = |k: &str, v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            m
+        };
+        assert_eq!(credential(&http::HeaderMap::new()).unwrap(), None);
+        assert_eq!(credential(&h("x-api-key", "pvk_abc")).unwrap(), Some(Credential::ApiKey("pvk_abc".into())));
+        assert_eq!(credential(&h("authorization", "Bearer pvk_abc")).unwrap(), Some(Credential::ApiKey("pvk_abc".into())));
+        assert_eq!(credential(&h("authorization", "bearer a.b.c")).unwrap(), Some(Credential::Jwt("a.b.c".into())));
+        for bad in ["Bearer", "Bearer    ", "Basic dXNlcjpwdw==", "token"] {
+            let (st, _) = credential(&h("authorization", bad)).unwrap_err();
+            assert_eq!(st.code(), tonic::Code::Unauthenticated, "{bad}");
+            assert!(!st.message().contains("dXNlcjpwdw"), "the secret must not be echoed");
+        }
+        let huge = format!("Bearer {}", "a".repeat(MAX_CREDENTIAL_LEN + 1));
+        assert!(credential(&h("authorization", &huge)).is_err());
+    }
+
+    #[test]
+    fn scopes_limit_what_a_certificate_may_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.yaml");
+        std::fs::write(&p, "certificates:\n  spiffe://peervault.local/client/reader: [read]\n").unwrap();
+        let a = Authorizer::new("peervault.local".into(), ScopeConfig::load(&p, "peervault.local").unwrap(), None);
+        let reader = Identity::Client {
+            id: "r".into(),
+            sans: vec!["spiffe://peervault.local/client/reader".into()],
+        };
+        let none = http::HeaderMap::new();
+        assert!(a.decide("/peervault.v1.FileService/GetFile", reader.clone(), &none).is_ok());
+        let (st, reason) = a.decide("/peervault.v1.FileService/DeleteFile", reader, &none).unwrap_err();
+        assert_eq!((st.code(), reason), (tonic::Code::PermissionDenied, "missing_scope"));
+        let stranger = Identity::Client {
+            id: "s".into(),
+            sans: vec!["spiffe://peervault.local/client/stranger".into()],
+        };
+        assert!(a.decide("/peervault.v1.FileService/GetFile", stranger, &none).is_err());
+    }
+
+    #[test]
+    fn internal_rpcs_refuse_clients_and_anonymous_callers_differently() {
+        let client = Identity::Client {
+            id: "c".into(),
+            sans: vec![],
+        };
+        let service = Identity::Service {
+            service: "blob".into(),
+            id: "spiffe://peervault.local/peervault/blob".into(),
+        };
+        let path = "/peervault.v1.EventService/Publish";
+        assert_eq!(
+            authorize(path, &client).unwrap_err().0.code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            authorize(path, &Identity::Anonymous).unwrap_err().0.code(),
+            tonic::Code::Unauthenticated
+        );
+        assert!(authorize(path, &service).is_ok());
+        assert!(authorize("/grpc.health.v1.Health/Check", &Identity::Anonymous).is_ok());
+        assert!(authorize("/peervault.v1.SystemService/GetSystemInfo", &client).is_ok());
+    }
+}
