@@ -77,7 +77,12 @@ pub struct ServeConfig {
     pub tls_client_auth: ClientAuth,
 
     /// File holding the HS256 secret that signs accepted JWTs.
-    #[arg(long, env = "PEERVAULT_JWT_HS256_SECRET_FILE", value_name = "FILE", conflicts_with = "jwt_jwks_file")]
+    #[arg(
+        long,
+        env = "PEERVAULT_JWT_HS256_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with = "jwt_jwks_file"
+    )]
     pub jwt_hs256_secret_file: Option<PathBuf>,
 
     /// JWKS file with the RS256/ES256 public keys of accepted JWTs (e.g. a Kubernetes cluster's

@@ -12,6 +12,12 @@ pub enum BlobError {
     /// No such file, blob or upload.
     #[error("{0}")]
     NotFound(String),
+    /// Something with that name exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The caller may not do this (e.g. outside its key prefix).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A byte range outside the object.
     #[error("{0}")]
     OutOfRange(String),
@@ -63,6 +69,8 @@ impl BlobError {
         match self {
             BlobError::InvalidArgument(_) => "invalid_argument",
             BlobError::NotFound(_) => "not_found",
+            BlobError::AlreadyExists(_) => "already_exists",
+            BlobError::PermissionDenied(_) => "permission_denied",
             BlobError::OutOfRange(_) => "out_of_range",
             BlobError::QuotaExceeded(_) => "quota_exceeded",
             BlobError::FailedPrecondition(_) => "failed_precondition",
@@ -114,6 +122,8 @@ impl From<BlobError> for Status {
         match e {
             BlobError::InvalidArgument(_) => Status::invalid_argument(msg),
             BlobError::NotFound(_) => Status::not_found(msg),
+            BlobError::AlreadyExists(_) => Status::already_exists(msg),
+            BlobError::PermissionDenied(_) => Status::permission_denied(msg),
             BlobError::OutOfRange(_) => Status::out_of_range(msg),
             BlobError::QuotaExceeded(_) => Status::resource_exhausted(msg),
             BlobError::FailedPrecondition(_) | BlobError::NoUpstream { .. } => Status::failed_precondition(msg),

@@ -74,6 +74,9 @@ pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstream
         .await
         .map_err(|e| BlobError::Unavailable(format!("opening the store failed: {e}")))??;
     ctx.system.add_stats(Arc::new(StoreStatsSource(store.clone())));
+    // API keys presented to any service of this process are checked against this store.
+    ctx.authorizer
+        .set_api_key_verifier(Arc::new(grpc::auth::KeyVerifier(store.clone())));
     grpc::spawn_gc(ctx.clone(), store.clone());
     let events = peervault_events_client::EventPublisher::start(ctx, upstreams.events.as_slice())
         .map_err(|e| BlobError::Unavailable(format!("events publisher: {e}")))?;
@@ -90,7 +93,11 @@ pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstream
         max
     ));
     s.add(configure_service!(
-        peervault_proto::v1::upload_service_server::UploadServiceServer::new(api),
+        peervault_proto::v1::upload_service_server::UploadServiceServer::new(api.clone()),
+        max
+    ));
+    s.add(configure_service!(
+        peervault_proto::v1::auth_service_server::AuthServiceServer::new(api),
         max
     ));
     s.add(configure_service!(

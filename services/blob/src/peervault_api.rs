@@ -14,7 +14,10 @@ use peervault_proto::v1::{
 use peervault_runtime::{ServiceContext, client::ServiceChannel, system::SystemApi};
 use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 
-use crate::{BlobError, Upstreams, grpc::BlobApi};
+use crate::{
+    BlobError, Upstreams,
+    grpc::{BlobApi, key_limit},
+};
 
 /// The PeerVaultService implementation.
 pub struct PeerVaultApi {
@@ -87,35 +90,52 @@ fn relay<T: Send + 'static>(resp: Response<tonic::Streaming<T>>) -> Response<Box
 #[tonic::async_trait]
 impl PeerVaultService for PeerVaultApi {
     async fn upload_file(&self, req: Request<Streaming<FileChunk>>) -> Result<Response<FileResponse>, Status> {
-        Ok(Response::new(self.files.upload_file_stream(req.into_inner()).await?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.files
+                .upload_file_stream(req.into_inner(), limit.as_deref())
+                .await?,
+        ))
     }
 
     async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
-        Ok(Response::new(self.files.download_file_stream(&req.into_inner().key)?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.files
+                .download_file_stream(&req.into_inner().key, limit.as_deref())?,
+        ))
     }
 
     async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
         let api = self.files.clone();
+        let limit = key_limit(&req);
         let req = req.into_inner();
-        let r = tokio::task::spawn_blocking(move || api.list_files_page(req))
+        let r = tokio::task::spawn_blocking(move || api.list_files_page(req, limit.as_deref()))
             .await
             .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
         Ok(Response::new(r))
     }
 
     async fn get_file(&self, req: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
-        Ok(Response::new(self.files.get(&req.into_inner().key)?))
+        let limit = key_limit(&req);
+        Ok(Response::new(self.files.get(&req.into_inner().key, limit.as_deref())?))
     }
 
     async fn delete_file(&self, req: Request<FileRequest>) -> Result<Response<DeleteFileResponse>, Status> {
-        Ok(Response::new(self.files.delete(&req.into_inner().key).await?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.files.delete(&req.into_inner().key, limit.as_deref()).await?,
+        ))
     }
 
     async fn update_file_metadata(
         &self,
         req: Request<UpdateFileMetadataRequest>,
     ) -> Result<Response<FileResponse>, Status> {
-        Ok(Response::new(self.files.update_metadata(req.into_inner()).await?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.files.update_metadata(req.into_inner(), limit.as_deref()).await?,
+        ))
     }
 
     async fn list_peers(&self, req: Request<()>) -> Result<Response<ListPeersResponse>, Status> {

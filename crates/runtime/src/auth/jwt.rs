@@ -56,14 +56,18 @@ struct Claims {
 }
 
 fn load_jwks(path: &Path) -> Result<Vec<(Option<String>, Algorithm, DecodingKey)>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --jwt-jwks-file {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read --jwt-jwks-file {}: {e}", path.display()))?;
     let set: JwkSet =
         serde_json::from_str(&text).map_err(|e| format!("invalid --jwt-jwks-file {}: {e}", path.display()))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
         use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
         let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
-            (_, Some(a)) => a.to_string().parse::<Algorithm>().map_err(|e| format!("JWKS key algorithm: {e}"))?,
+            (_, Some(a)) => a
+                .to_string()
+                .parse::<Algorithm>()
+                .map_err(|e| format!("JWKS key algorithm: {e}"))?,
             (AlgorithmParameters::RSA(_), None) => Algorithm::RS256,
             (AlgorithmParameters::EllipticCurve(p), None) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
             (AlgorithmParameters::EllipticCurve(p), None) if p.curve == EllipticCurve::P384 => Algorithm::ES384,
@@ -77,7 +81,10 @@ fn load_jwks(path: &Path) -> Result<Vec<(Option<String>, Algorithm, DecodingKey)
         keys.push((jwk.common.key_id.clone(), alg, key));
     }
     if keys.is_empty() {
-        return Err(format!("--jwt-jwks-file {} holds no usable RS/ES public key", path.display()));
+        return Err(format!(
+            "--jwt-jwks-file {} holds no usable RS/ES public key",
+            path.display()
+        ));
     }
     Ok(keys)
 }
@@ -97,8 +104,11 @@ impl JwtVerifier {
     ) -> Result<Option<JwtVerifier>, String> {
         let keys = match (hs256_secret_file, jwks_file) {
             (Some(f), None) => {
-                let secret = std::fs::read(f).map_err(|e| format!("cannot read --jwt-hs256-secret-file {}: {e}", f.display()))?;
-                let secret = secret.trim_ascii();
+                let secret = std::fs::read(f)
+                    .map_err(|e| format!("cannot read --jwt-hs256-secret-file {}: {e}", f.display()))?;
+                // A trailing newline from `echo > file` is not part of the secret; anything else is.
+                let secret = secret.strip_suffix(b"\n").unwrap_or(&secret);
+                let secret = secret.strip_suffix(b"\r").unwrap_or(secret);
                 if secret.len() < 32 {
                     return Err(format!(
                         "--jwt-hs256-secret-file {} holds {} bytes; use at least 32 random bytes",
@@ -179,7 +189,9 @@ impl JwtVerifier {
                                 c.keys = keys;
                                 c.stamp = now;
                             }
-                            Err(e) => tracing::warn!(error = %e, "JWKS changed but cannot be loaded; keeping the previous keys"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "JWKS changed but cannot be loaded; keeping the previous keys")
+                            }
                         }
                     }
                 }
@@ -201,10 +213,14 @@ impl JwtVerifier {
             ErrorKind::ExpiredSignature => reject("expired", "the JWT has expired"),
             ErrorKind::ImmatureSignature => reject("not_yet_valid", "the JWT is not valid yet (nbf)"),
             ErrorKind::InvalidIssuer => reject("wrong_issuer", "the JWT's issuer is not the configured --jwt-issuer"),
-            ErrorKind::InvalidAudience => reject("wrong_audience", "the JWT's audience does not include --jwt-audience"),
+            ErrorKind::InvalidAudience => {
+                reject("wrong_audience", "the JWT's audience does not include --jwt-audience")
+            }
             ErrorKind::InvalidSignature => reject("bad_signature", "the JWT's signature does not verify"),
             ErrorKind::MissingRequiredClaim(c) => reject("missing_claim", format!("the JWT lacks the '{c}' claim")),
-            ErrorKind::InvalidAlgorithm => reject("algorithm_not_allowed", "the JWT's algorithm does not match its key"),
+            ErrorKind::InvalidAlgorithm => {
+                reject("algorithm_not_allowed", "the JWT's algorithm does not match its key")
+            }
             _ => reject("malformed_token", "the bearer token is not a valid JWT"),
         })?;
         Ok(data.claims.sub)
@@ -229,7 +245,12 @@ mod tests {
     }
 
     fn token(secret: &[u8], claims: serde_json::Value) -> String {
-        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).unwrap()
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -263,6 +284,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("s");
         std::fs::write(&f, "short").unwrap();
-        assert!(JwtVerifier::from_flags(Some(&f), None, None, None).err().unwrap().contains("32"));
+        assert!(
+            JwtVerifier::from_flags(Some(&f), None, None, None)
+                .err()
+                .unwrap()
+                .contains("32")
+        );
     }
 }

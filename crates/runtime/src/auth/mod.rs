@@ -299,7 +299,9 @@ impl Authorizer {
                         "jwt_not_configured",
                     ));
                 };
-                let sub = j.verify(&token).map_err(|r| (Status::unauthenticated(r.message), r.reason))?;
+                let sub = j
+                    .verify(&token)
+                    .map_err(|r| (Status::unauthenticated(r.message), r.reason))?;
                 let grant = self.scopes.for_subject(&sub);
                 caller(Identity::Jwt { subject: sub }, grant.scopes, grant.key_prefix)
             }
@@ -453,9 +455,18 @@ mod tests {
             m
         };
         assert_eq!(credential(&http::HeaderMap::new()).unwrap(), None);
-        assert_eq!(credential(&h("x-api-key", "pvk_abc")).unwrap(), Some(Credential::ApiKey("pvk_abc".into())));
-        assert_eq!(credential(&h("authorization", "Bearer pvk_abc")).unwrap(), Some(Credential::ApiKey("pvk_abc".into())));
-        assert_eq!(credential(&h("authorization", "bearer a.b.c")).unwrap(), Some(Credential::Jwt("a.b.c".into())));
+        assert_eq!(
+            credential(&h("x-api-key", "pvk_abc")).unwrap(),
+            Some(Credential::ApiKey("pvk_abc".into()))
+        );
+        assert_eq!(
+            credential(&h("authorization", "Bearer pvk_abc")).unwrap(),
+            Some(Credential::ApiKey("pvk_abc".into()))
+        );
+        assert_eq!(
+            credential(&h("authorization", "bearer a.b.c")).unwrap(),
+            Some(Credential::Jwt("a.b.c".into()))
+        );
         for bad in ["Bearer", "Bearer    ", "Basic dXNlcjpwdw==", "token"] {
             let (st, _) = credential(&h("authorization", bad)).unwrap_err();
             assert_eq!(st.code(), tonic::Code::Unauthenticated, "{bad}");
@@ -470,14 +481,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.yaml");
         std::fs::write(&p, "certificates:\n  spiffe://peervault.local/client/reader: [read]\n").unwrap();
-        let a = Authorizer::new("peervault.local".into(), ScopeConfig::load(&p, "peervault.local").unwrap(), None);
+        let a = Authorizer::new(
+            "peervault.local".into(),
+            ScopeConfig::load(&p, "peervault.local").unwrap(),
+            None,
+        );
         let reader = Identity::Client {
             id: "r".into(),
             sans: vec!["spiffe://peervault.local/client/reader".into()],
         };
         let none = http::HeaderMap::new();
-        assert!(a.decide("/peervault.v1.FileService/GetFile", reader.clone(), &none).is_ok());
-        let (st, reason) = a.decide("/peervault.v1.FileService/DeleteFile", reader, &none).unwrap_err();
+        assert!(
+            a.decide("/peervault.v1.FileService/GetFile", reader.clone(), &none)
+                .is_ok()
+        );
+        let (st, reason) = a
+            .decide("/peervault.v1.FileService/DeleteFile", reader, &none)
+            .unwrap_err();
         assert_eq!((st.code(), reason), (tonic::Code::PermissionDenied, "missing_scope"));
         let stranger = Identity::Client {
             id: "s".into(),

@@ -113,9 +113,10 @@ impl ScopeConfig {
     /// Reads `--auth-config`. Unlisted client certificates then get `default_certificate_scopes`
     /// (none unless given); the development client certificate keeps `admin` unless listed.
     pub fn load(path: &Path, trust_domain: &str) -> Result<ScopeConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --auth-config {}: {e}", path.display()))?;
-        let raw: RawConfig = serde_saphyr::from_str(&text)
-            .map_err(|e| format!("invalid --auth-config {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read --auth-config {}: {e}", path.display()))?;
+        let raw: RawConfig =
+            serde_saphyr::from_str(&text).map_err(|e| format!("invalid --auth-config {}: {e}", path.display()))?;
         let bad = |e: String| format!("invalid --auth-config {}: {e}", path.display());
         let mut certificates = HashMap::new();
         for (san, scopes) in raw.certificates {
@@ -159,7 +160,7 @@ impl ScopeConfig {
         if found {
             return set;
         }
-        if sans.iter().any(|s| *s == self.dev_client) {
+        if sans.contains(&self.dev_client) {
             return ScopeSet::ALL;
         }
         self.default_certificate
@@ -197,10 +198,19 @@ mod tests {
         )
         .unwrap();
         let c = ScopeConfig::load(&p, "peervault.local").unwrap();
-        assert_eq!(c.for_certificate(&["spiffe://peervault.local/client/ci".into()]), ScopeSet::of(&[Scope::Read]));
-        assert_eq!(c.for_certificate(&["spiffe://peervault.local/client/dev".into()]), ScopeSet::ALL);
+        assert_eq!(
+            c.for_certificate(&["spiffe://peervault.local/client/ci".into()]),
+            ScopeSet::of(&[Scope::Read])
+        );
+        assert_eq!(
+            c.for_certificate(&["spiffe://peervault.local/client/dev".into()]),
+            ScopeSet::ALL
+        );
         assert_eq!(c.for_certificate(&["other".into()]), ScopeSet::NONE);
-        assert_eq!(c.for_subject("system:serviceaccount:apps:uploader").scopes, ScopeSet::of(&[Scope::Write]));
+        assert_eq!(
+            c.for_subject("system:serviceaccount:apps:uploader").scopes,
+            ScopeSet::of(&[Scope::Write])
+        );
         assert_eq!(c.for_subject("alice").key_prefix.as_deref(), Some("alice/"));
         assert_eq!(c.for_subject("mallory").scopes, ScopeSet::NONE);
         std::fs::write(&p, "certificates:\n  x: [root]\n").unwrap();

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::{BlobApi, STREAM_BUFFER, files::split, timestamp};
+use super::{BlobApi, STREAM_BUFFER, check_unlimited, files::split, key_limit, timestamp};
 use crate::{
     error::BlobError,
     store::{hex, records::BlobRec},
@@ -117,16 +117,19 @@ impl BlobApi {
 #[tonic::async_trait]
 impl BlobService for BlobApi {
     async fn get_blob(&self, req: Request<GetBlobRequest>) -> Result<Response<BoxStream<BlobChunk>>, Status> {
+        check_unlimited(key_limit(&req).as_deref())?;
         Ok(Response::new(self.get_blob_stream(req.into_inner())?))
     }
 
     async fn stat_blob(&self, req: Request<StatBlobRequest>) -> Result<Response<BlobMetadata>, Status> {
+        check_unlimited(key_limit(&req).as_deref())?;
         let key = validate::blob_key(&req.into_inner().key).map_err(Status::from)?;
         let b = self.store.get_blob(&key).map_err(Status::from)?;
         Ok(Response::new(metadata(&key, &b)))
     }
 
     async fn delete_blob(&self, req: Request<DeleteBlobRequest>) -> Result<Response<DeleteBlobResponse>, Status> {
+        check_unlimited(key_limit(&req).as_deref())?;
         let key = validate::blob_key(&req.into_inner().key).map_err(Status::from)?;
         let freed = self.store.delete_blob(key).await.map_err(Status::from)?;
         tracing::info!(blob = %hex(&key), freed, "blob deleted");
@@ -137,6 +140,7 @@ impl BlobService for BlobApi {
     }
 
     async fn list_blobs(&self, req: Request<ListBlobsRequest>) -> Result<Response<BoxStream<BlobMetadata>>, Status> {
+        check_unlimited(key_limit(&req).as_deref())?;
         let req = req.into_inner();
         let limit = req.limit as usize;
         let store = self.store.clone();

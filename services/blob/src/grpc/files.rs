@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 
-use super::{BlobApi, MAX_FRAME, STREAM_BUFFER};
+use super::{BlobApi, MAX_FRAME, STREAM_BUFFER, check_key, key_limit};
 use crate::{
     error::BlobError,
     store::{Ingest, MetadataPatch, hex, now_ns, records::FileRec},
@@ -29,13 +29,18 @@ fn status(e: BlobError) -> Status {
 
 impl BlobApi {
     /// UploadFile: a client stream of contiguous chunks ending with `is_last`.
-    pub async fn upload_file_stream(&self, mut stream: Streaming<FileChunk>) -> Result<FileResponse, Status> {
+    pub async fn upload_file_stream(
+        &self,
+        mut stream: Streaming<FileChunk>,
+        limit: Option<&str>,
+    ) -> Result<FileResponse, Status> {
         let first = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty upload: send FileChunk messages ending with is_last"))?;
         let key = first.file_key.clone();
         validate::file_key(&key).map_err(status)?;
+        check_key(limit, &key)?;
         validate::metadata(&first.metadata).map_err(status)?;
         validate::short_text("name", &first.name).map_err(status)?;
         validate::short_text("content_type", &first.content_type).map_err(status)?;
@@ -179,8 +184,9 @@ impl BlobApi {
     }
 
     /// DownloadFile: the content as a stream of chunks with offsets, the last flagged.
-    pub fn download_file_stream(&self, key: &str) -> Result<BoxStream<FileChunk>, Status> {
+    pub fn download_file_stream(&self, key: &str, limit: Option<&str>) -> Result<BoxStream<FileChunk>, Status> {
         validate::file_key(key).map_err(status)?;
+        check_key(limit, key)?;
         let (f, blob, small) = self.store.get_small_file(key).map_err(status)?;
         if let Some(data) = small {
             // Small objects come out of the index in one message: no task, no queue.
@@ -256,7 +262,19 @@ impl BlobApi {
     }
 
     /// ListFiles.
-    pub fn list_files_page(&self, req: ListFilesRequest) -> Result<ListFilesResponse, Status> {
+    pub fn list_files_page(&self, mut req: ListFilesRequest, limit: Option<&str>) -> Result<ListFilesResponse, Status> {
+        // A caller limited to a prefix sees only files under it.
+        if let Some(p) = limit {
+            if p.starts_with(req.prefix.as_str()) {
+                req.prefix = p.to_string();
+            } else if !req.prefix.starts_with(p) {
+                return Ok(ListFilesResponse {
+                    page: req.page.max(1),
+                    page_size: req.page_size,
+                    ..Default::default()
+                });
+            }
+        }
         let size = match req.page_size {
             n if n <= 0 => DEFAULT_PAGE,
             n => (n as usize).min(MAX_PAGE),
@@ -309,8 +327,13 @@ impl BlobApi {
     }
 
     /// UpdateFileMetadata.
-    pub async fn update_metadata(&self, req: UpdateFileMetadataRequest) -> Result<FileResponse, Status> {
+    pub async fn update_metadata(
+        &self,
+        req: UpdateFileMetadataRequest,
+        limit: Option<&str>,
+    ) -> Result<FileResponse, Status> {
         validate::file_key(&req.key).map_err(status)?;
+        check_key(limit, &req.key)?;
         validate::metadata(&req.metadata).map_err(status)?;
         if let Some(n) = &req.name {
             validate::short_text("name", n).map_err(status)?;
@@ -331,8 +354,9 @@ impl BlobApi {
     }
 
     /// DeleteFile.
-    pub async fn delete(&self, key: &str) -> Result<DeleteFileResponse, Status> {
+    pub async fn delete(&self, key: &str, limit: Option<&str>) -> Result<DeleteFileResponse, Status> {
         validate::file_key(key).map_err(status)?;
+        check_key(limit, key)?;
         let f = self.store.delete_file(key).await.map_err(status)?;
         tracing::info!(key = %key, "file deleted");
         self.publish_file_event("file_deleted", "delete", &f);
@@ -343,8 +367,9 @@ impl BlobApi {
     }
 
     /// GetFile.
-    pub fn get(&self, key: &str) -> Result<FileResponse, Status> {
+    pub fn get(&self, key: &str, limit: Option<&str>) -> Result<FileResponse, Status> {
         validate::file_key(key).map_err(status)?;
+        check_key(limit, key)?;
         let f = self.store.get_file(key).map_err(status)?;
         Ok(self.file_response(&f))
     }
@@ -380,35 +405,49 @@ fn decode_token(token: &str) -> Result<String, Status> {
 #[tonic::async_trait]
 impl FileService for BlobApi {
     async fn upload_file(&self, req: Request<Streaming<FileChunk>>) -> Result<Response<FileResponse>, Status> {
-        Ok(Response::new(self.upload_file_stream(req.into_inner()).await?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.upload_file_stream(req.into_inner(), limit.as_deref()).await?,
+        ))
     }
 
     async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
-        Ok(Response::new(self.download_file_stream(&req.into_inner().key)?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.download_file_stream(&req.into_inner().key, limit.as_deref())?,
+        ))
     }
 
     async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
         let api = self.clone();
+        let limit = key_limit(&req);
         let req = req.into_inner();
-        let r = tokio::task::spawn_blocking(move || api.list_files_page(req))
+        let r = tokio::task::spawn_blocking(move || api.list_files_page(req, limit.as_deref()))
             .await
             .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
         Ok(Response::new(r))
     }
 
     async fn get_file(&self, req: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
-        Ok(Response::new(self.get(&req.into_inner().key)?))
+        let limit = key_limit(&req);
+        Ok(Response::new(self.get(&req.into_inner().key, limit.as_deref())?))
     }
 
     async fn delete_file(&self, req: Request<FileRequest>) -> Result<Response<DeleteFileResponse>, Status> {
-        Ok(Response::new(self.delete(&req.into_inner().key).await?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.delete(&req.into_inner().key, limit.as_deref()).await?,
+        ))
     }
 
     async fn update_file_metadata(
         &self,
         req: Request<UpdateFileMetadataRequest>,
     ) -> Result<Response<FileResponse>, Status> {
-        Ok(Response::new(self.update_metadata(req.into_inner()).await?))
+        let limit = key_limit(&req);
+        Ok(Response::new(
+            self.update_metadata(req.into_inner(), limit.as_deref()).await?,
+        ))
     }
 }
 

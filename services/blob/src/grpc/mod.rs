@@ -1,6 +1,7 @@
 //! gRPC adapters of the blob service: thin conversions between protobuf messages and the store,
 //! errors mapped to status through `From<BlobError> for Status`.
 
+pub mod auth;
 mod blobs;
 mod files;
 mod upload;
@@ -94,6 +95,34 @@ impl BlobApi {
                 }))
                 .build(),
         );
+    }
+}
+
+/// The key prefix the request's caller is limited to, if any.
+pub fn key_limit<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.extensions()
+        .get::<peervault_runtime::Caller>()
+        .and_then(|c| c.key_prefix.clone())
+}
+
+/// Refuses `key` outside the caller's prefix.
+pub fn check_key(limit: Option<&str>, key: &str) -> Result<(), tonic::Status> {
+    match limit {
+        Some(p) if !key.starts_with(p) => Err(tonic::Status::permission_denied(format!(
+            "this credential is limited to keys under '{p}'"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses content-addressed access for callers limited to a key prefix (a blob key would
+/// reach content outside it).
+pub fn check_unlimited(limit: Option<&str>) -> Result<(), tonic::Status> {
+    match limit {
+        Some(p) => Err(tonic::Status::permission_denied(format!(
+            "this credential is limited to keys under '{p}' and cannot use the content-addressed blob API"
+        ))),
+        None => Ok(()),
     }
 }
 

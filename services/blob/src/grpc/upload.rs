@@ -251,6 +251,7 @@ impl UploadService for BlobApi {
         &self,
         req: Request<Streaming<UploadMessage>>,
     ) -> Result<Response<BoxStream<UploadResponse>>, Status> {
+        super::check_unlimited(super::key_limit(&req).as_deref())?;
         let input = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let api = self.clone();

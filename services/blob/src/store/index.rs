@@ -559,6 +559,8 @@ pub(crate) fn init_tables(db: &Database) -> Result<()> {
     txn.open_table(TOMBSTONES)?;
     txn.open_table(GC)?;
     txn.open_table(META)?;
+    txn.open_table(super::keys::API_KEYS)?;
+    txn.open_table(super::keys::API_KEY_HASHES)?;
     txn.commit()?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! index commit and no file at all.
 
 pub mod index;
+pub mod keys;
 pub mod records;
 
 use std::{
