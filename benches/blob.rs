@@ -55,7 +55,14 @@ fn start_server(dir: &Path) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_peervault"))
         .args(["serve", "all", "--data-dir"])
         .arg(dir)
-        .args(["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--log-format", "json", "--log", "warn,peervault_runtime=info"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -272,7 +279,10 @@ async fn main() {
     let mib = env_usize("PV_BENCH_MIB", 1024);
     let small = env_usize("PV_BENCH_SMALL_OPS", 20_000);
     let bytes = mib * MIB;
-    let work = tempfile::Builder::new().prefix("pv-bench").tempdir_in(std::env::var("PV_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).expect("tempdir");
+    let work = tempfile::Builder::new()
+        .prefix("pv-bench")
+        .tempdir_in(std::env::var("PV_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+        .expect("tempdir");
     let server = start_server(&work.path().join("data"));
     let pid = server.child.id();
     let idle_rss = rss_kib(pid);
@@ -317,7 +327,9 @@ async fn main() {
     let (stop, sampler) = rss_sampler(pid);
     let start = Instant::now();
     let mut s = FileServiceClient::new(ch.clone())
-        .download_file(FileRequest { key: "bench/big".into() })
+        .download_file(FileRequest {
+            key: "bench/big".into(),
+        })
         .await
         .expect("download")
         .into_inner();

@@ -19,6 +19,9 @@ use crate::{
 /// Messages queued for an upload's writer thread.
 const WRITE_QUEUE: usize = 2;
 
+/// The queue to an upload's writer thread and the thread's outcome.
+type WriterPipe = (mpsc::Sender<Bytes>, tokio::task::JoinHandle<Result<Ingest, BlobError>>);
+
 /// Default and largest page of ListFiles.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
@@ -57,7 +60,7 @@ impl BlobApi {
         };
         let metadata = first.metadata.clone();
         let mut ingest = Some(self.store.ingest(None).map_err(status)?);
-        let mut pipe: Option<(mpsc::Sender<Bytes>, tokio::task::JoinHandle<Result<Ingest, BlobError>>)> = None;
+        let mut pipe: Option<WriterPipe> = None;
         let mut next = Some(first);
         let mut offset: i64 = 0;
         let mut saw_last = false;

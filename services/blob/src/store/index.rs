@@ -143,6 +143,9 @@ pub(crate) enum Reply {
     Done,
 }
 
+/// A job's reply channel and its outcome, sent once the batch has committed.
+type Answer = (oneshot::Sender<Result<Reply>>, Result<Reply>);
+
 pub(crate) struct Job {
     pub op: Op,
     pub reply: oneshot::Sender<Result<Reply>>,
@@ -590,7 +593,7 @@ pub(crate) fn spawn_committer(
                 }
                 let started = Instant::now();
                 metrics.commit_batch.observe(batch.len() as f64);
-                let outcome = (|| -> Result<Vec<(oneshot::Sender<Result<Reply>>, Result<Reply>)>> {
+                let outcome = (|| -> Result<Vec<Answer>> {
                     let txn = db.begin_write()?;
                     let mut replies = Vec::with_capacity(batch.len());
                     for job in batch.drain(..) {
