@@ -230,6 +230,21 @@ impl Authorizer {
         }
     }
 
+    /// Authenticates a bare token (API key or JWT) for a transport other than gRPC — the
+    /// WebSocket gateway — and checks it grants `needed`.
+    pub fn authenticate_token(&self, token: &str, needed: Scope) -> Result<Caller, Refusal> {
+        let mut headers = http::HeaderMap::new();
+        let value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| (Status::unauthenticated("the token is not valid text"), "malformed_credential"))?;
+        headers.insert(http::header::AUTHORIZATION, value);
+        let path = match needed {
+            Scope::Read => "/peervault.v1.EventService/Subscribe",
+            Scope::Write => "/peervault.v1.FileService/UploadFile",
+            Scope::Admin => "/peervault.v1.AuthService/ListApiKeys",
+        };
+        self.decide(path, Identity::Anonymous, &headers)
+    }
+
     /// Installs the API key verifier (the blob service's key store).
     pub fn set_api_key_verifier(&self, v: Arc<dyn ApiKeyVerifier>) {
         *self.api_keys.write().unwrap_or_else(|p| p.into_inner()) = Some(v);
