@@ -381,3 +381,42 @@ async fn service_account_jwts_verify_against_a_jwks_file_that_can_be_swapped() {
         Code::Unauthenticated
     );
 }
+
+/// The next text message of a WebSocket as JSON, or None when the server closed.
+async fn ws_text(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) -> Option<serde_json::Value> {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("WebSocket went silent")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                return Some(serde_json::from_str(&t).unwrap());
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_gateway_accepts_the_same_api_keys() {
+    let (node, http) = NodeBuilder::new("all").arg("--ws-token-auth").start_events();
+    let admin = node.channel().await;
+    let (_, key) = create_key(&admin, "dashboard", &["read"], "").await;
+    let (mut ok, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws?token={key}"))
+        .await
+        .unwrap();
+    assert_eq!(ws_text(&mut ok).await.unwrap()["type"], "connected");
+    let (mut bad, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws?token=pvk_wrong"))
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    while let Some(m) = ws_text(&mut bad).await {
+        codes.push(m["data"]["code"].clone());
+    }
+    assert!(codes.iter().any(|c| c == "AUTH_FAILED"), "{codes:?}");
+    node.wait_metric("peervault_auth_failures_total", &["unknown_key"], |v| v >= 1.0);
+}

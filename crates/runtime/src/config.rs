@@ -102,6 +102,11 @@ pub struct ServeConfig {
     #[arg(long, env = "PEERVAULT_AUTH_CONFIG", value_name = "FILE")]
     pub auth_config: Option<PathBuf>,
 
+    /// Require WebSocket clients to present an API key or JWT with the `read` scope (`?token=`,
+    /// `Authorization: Bearer`, or an `auth` message).
+    #[arg(long, env = "PEERVAULT_WS_TOKEN_AUTH", default_value_t = false)]
+    pub ws_token_auth: bool,
+
     /// How often certificate and key files are checked for changes (they are reloaded without a restart).
     #[arg(long, env = "PEERVAULT_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub tls_reload_interval: Duration,
