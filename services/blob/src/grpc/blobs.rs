@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::{BlobApi, STREAM_BUFFER, check_unlimited, files::split, key_limit, timestamp};
+use super::{BlobApi, STREAM_BUFFER, check_unlimited, key_limit, stream_range, timestamp};
 use crate::{
     error::BlobError,
     store::{hex, records::BlobRec},
@@ -62,55 +62,10 @@ impl BlobApi {
             Some(r) => resolve_range(blob.size, r.start, r.end).map_err(Status::from)?,
             None => (0, blob.size),
         };
-        let pin = self.store.pin_blob(&blob);
-        let store = self.store.clone();
-        let (tx, rx) = mpsc::channel::<Result<BlobChunk, Status>>(STREAM_BUFFER);
-        tokio::spawn(async move {
-            let _pin = pin;
-            let mut chunk_start = 0u64;
-            for (h, &size) in blob.chunk_hashes.iter().zip(&blob.chunk_sizes) {
-                let chunk_end = chunk_start + size as u64;
-                if chunk_end <= start || chunk_start >= end {
-                    chunk_start = chunk_end;
-                    continue;
-                }
-                let Ok(hash) = <[u8; 32]>::try_from(h.as_slice()) else {
-                    let _ = tx.send(Err(Status::data_loss("corrupt chunk reference"))).await;
-                    return;
-                };
-                let s = store.clone();
-                let data = match tokio::task::spawn_blocking(move || s.read_chunk(&hash, size)).await {
-                    Ok(Ok(d)) => d,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("read task failed: {e}")))).await;
-                        return;
-                    }
-                };
-                let from = start.max(chunk_start) - chunk_start;
-                let to = end.min(chunk_end) - chunk_start;
-                let mut offset = chunk_start + from;
-                for piece in split(data.slice(from as usize..to as usize)) {
-                    let len = piece.len() as u64;
-                    if tx
-                        .send(Ok(BlobChunk {
-                            data: piece,
-                            offset: offset as i64,
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    offset += len;
-                }
-                chunk_start = chunk_end;
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(stream_range(&self.store, blob, start, end, |p| BlobChunk {
+            data: p.data,
+            offset: p.offset as i64,
+        }))
     }
 }
 

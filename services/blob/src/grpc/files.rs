@@ -6,10 +6,9 @@ use peervault_proto::v1::{
     UpdateFileMetadataRequest, file_service_server::FileService,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 
-use super::{BlobApi, MAX_FRAME, STREAM_BUFFER, check_key, key_limit};
+use super::{BlobApi, MAX_FRAME, check_key, key_limit, stream_range};
 use crate::{
     error::BlobError,
     store::{Ingest, MetadataPatch, hex, now_ns, records::FileRec},
@@ -204,64 +203,25 @@ impl BlobApi {
             };
             return Ok(Box::pin(tokio_stream::once(Ok(msg))));
         }
-        let pin = self.store.pin_blob(&blob);
-        let (tx, rx) = mpsc::channel::<Result<FileChunk, Status>>(STREAM_BUFFER);
-        let store = self.store.clone();
-        let key = f.key.clone();
-        tokio::spawn(async move {
-            let _pin = pin;
-            let n = blob.chunk_hashes.len();
-            if n == 0 {
-                let _ = tx
-                    .send(Ok(FileChunk {
-                        file_key: key.clone(),
-                        is_last: true,
-                        ..Default::default()
-                    }))
-                    .await;
-                return;
+        if blob.size == 0 {
+            let msg = FileChunk {
+                file_key: f.key,
+                is_last: true,
+                ..Default::default()
+            };
+            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        }
+        let key = f.key;
+        Ok(stream_range(&self.store, blob.clone(), 0, blob.size, move |p| {
+            FileChunk {
+                file_key: key.clone(),
+                data: p.data,
+                offset: p.offset as i64,
+                is_last: p.last,
+                checksum: p.whole_chunk.map(|h| hex(&h)).unwrap_or_default(),
+                ..Default::default()
             }
-            let mut offset = 0i64;
-            for (i, (h, &size)) in blob.chunk_hashes.iter().zip(&blob.chunk_sizes).enumerate() {
-                let Ok(hash) = <[u8; 32]>::try_from(h.as_slice()) else {
-                    let _ = tx.send(Err(Status::data_loss("corrupt chunk reference"))).await;
-                    return;
-                };
-                let s = store.clone();
-                let data = match tokio::task::spawn_blocking(move || s.read_chunk(&hash, size)).await {
-                    Ok(Ok(d)) => d,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("read task failed: {e}")))).await;
-                        return;
-                    }
-                };
-                let whole = data.len() <= MAX_FRAME;
-                let pieces = split(data);
-                let last_piece = pieces.len() - 1;
-                for (j, piece) in pieces.into_iter().enumerate() {
-                    let len = piece.len() as i64;
-                    let msg = FileChunk {
-                        file_key: key.clone(),
-                        data: piece,
-                        offset,
-                        is_last: i == n - 1 && j == last_piece,
-                        // The chunk's stored hash doubles as the message checksum when a chunk
-                        // travels in one message.
-                        checksum: if whole { hex(&hash) } else { String::new() },
-                        ..Default::default()
-                    };
-                    offset += len;
-                    if tx.send(Ok(msg)).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        }))
     }
 
     /// ListFiles.

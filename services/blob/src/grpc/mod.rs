@@ -98,6 +98,82 @@ impl BlobApi {
     }
 }
 
+/// One piece of content on its way to a client.
+pub(crate) struct Piece {
+    /// Absolute offset in the object.
+    pub offset: u64,
+    /// The bytes (a slice of a verified chunk).
+    pub data: Bytes,
+    /// Whether this piece ends the requested range.
+    pub last: bool,
+    /// The chunk's hash when the piece is one whole chunk (it then doubles as a checksum).
+    pub whole_chunk: Option<[u8; 32]>,
+}
+
+/// Streams `[start, end)` of `blob` as pieces of at most [`MAX_FRAME`] bytes: each chunk is read
+/// and verified on the blocking pool, the queue to the client is [`STREAM_BUFFER`] deep (a slow
+/// reader stops the producer), and the blob's chunks stay pinned until the stream ends. A failed
+/// read ends the stream with its status (DATA_LOSS for a corrupt or missing chunk).
+pub(crate) fn stream_range<M: Send + 'static>(
+    store: &Store,
+    blob: crate::store::records::BlobRec,
+    start: u64,
+    end: u64,
+    to_message: impl Fn(Piece) -> M + Send + 'static,
+) -> tonic::codegen::BoxStream<M> {
+    let pin = store.pin_blob(&blob);
+    let store = store.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<M, tonic::Status>>(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let _pin = pin;
+        let mut chunk_start = 0u64;
+        for (h, &size) in blob.chunk_hashes.iter().zip(&blob.chunk_sizes) {
+            let chunk_end = chunk_start + size as u64;
+            if chunk_end <= start || chunk_start >= end {
+                chunk_start = chunk_end;
+                continue;
+            }
+            let Ok(hash) = <[u8; 32]>::try_from(h.as_slice()) else {
+                let _ = tx.send(Err(tonic::Status::data_loss("corrupt chunk reference"))).await;
+                return;
+            };
+            let s = store.clone();
+            let data = match tokio::task::spawn_blocking(move || s.read_chunk(&hash, size)).await {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(tonic::Status::internal(format!("read task failed: {e}"))))
+                        .await;
+                    return;
+                }
+            };
+            let from = start.max(chunk_start) - chunk_start;
+            let to = end.min(chunk_end) - chunk_start;
+            let whole = from == 0 && to == size as u64 && data.len() <= MAX_FRAME;
+            let mut offset = chunk_start + from;
+            for piece in files::split(data.slice(from as usize..to as usize)) {
+                let len = piece.len() as u64;
+                let msg = to_message(Piece {
+                    offset,
+                    data: piece,
+                    last: offset + len == end,
+                    whole_chunk: whole.then_some(hash),
+                });
+                if tx.send(Ok(msg)).await.is_err() {
+                    return; // the client went away
+                }
+                offset += len;
+            }
+            chunk_start = chunk_end;
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 /// The key prefix the request's caller is limited to, if any.
 pub fn key_limit<T>(req: &tonic::Request<T>) -> Option<String> {
     req.extensions()

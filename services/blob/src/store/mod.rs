@@ -425,22 +425,6 @@ impl Store {
         Ok((f, b, inline))
     }
 
-    /// A file and its blob, read in one snapshot.
-    pub fn get_file_and_blob(&self, key: &str) -> Result<(FileRec, BlobRec)> {
-        let txn = self.inner.db.begin_read()?;
-        let files = txn.open_table(index::FILES)?;
-        let f = match files.get(key)? {
-            Some(v) => FileRec::decode(v.value()).map_err(|e| BlobError::Corrupt(e.to_string()))?,
-            None => return Err(BlobError::NotFound(format!("file '{key}' not found"))),
-        };
-        let blobs = txn.open_table(index::BLOBS)?;
-        let b = match blobs.get(f.blob_key.as_slice())? {
-            Some(v) => BlobRec::decode(v.value()).map_err(|e| BlobError::Corrupt(e.to_string()))?,
-            None => return Err(BlobError::Corrupt(format!("file '{key}' points at a missing blob"))),
-        };
-        Ok((f, b))
-    }
-
     /// Files with `prefix`, after `after` (exclusive), at most `limit`, in key order; and
     /// whether more follow.
     pub fn list_files(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<(Vec<FileRec>, bool)> {
