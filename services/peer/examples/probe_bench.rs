@@ -137,7 +137,7 @@ fn sum_metric(text: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter(|l| l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
