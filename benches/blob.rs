@@ -297,14 +297,19 @@ async fn main() {
     let base = rss_kib(pid);
     let start = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel::<FileChunk>(4);
+    // Unique content at the cost of a copy: 1 MiB windows of a random pool, each stamped with its
+    // index, so no chunk deduplicates and the client spends its CPU on the transfer, as the raw
+    // TLS measurement does.
+    let mut pool = vec![0u8; 16 * MIB];
+    fill(&mut pool, &mut 42u64);
     let producer = tokio::spawn(async move {
-        let mut seed = 42u64;
-        let mut buf = vec![0u8; MIB];
         for i in 0..bytes / MIB {
-            fill(&mut buf, &mut seed);
+            let at = (i * MIB) % (pool.len() - MIB + 1);
+            let mut buf = pool[at..at + MIB].to_vec();
+            buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
             let msg = FileChunk {
                 file_key: "bench/big".into(),
-                data: Bytes::copy_from_slice(&buf),
+                data: Bytes::from(buf),
                 offset: (i * MIB) as i64,
                 is_last: i == bytes / MIB - 1,
                 ..Default::default()
