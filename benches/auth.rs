@@ -53,7 +53,10 @@ async fn channel(addr: SocketAddr, tls: &Path, with_cert: bool) -> Channel {
 }
 
 async fn run(ch: Channel, token: Option<String>, calls: usize) -> f64 {
-    let svc = InterceptedService::new(ch, Bearer(token.map(|t| format!("Bearer {t}").parse().expect("header"))));
+    let svc = InterceptedService::new(
+        ch,
+        Bearer(token.map(|t| format!("Bearer {t}").parse().expect("header"))),
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -75,7 +78,10 @@ async fn run(ch: Channel, token: Option<String>, calls: usize) -> f64 {
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let calls: usize = std::env::var("PV_BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000);
+    let calls: usize = std::env::var("PV_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30_000);
     let work = tempfile::tempdir().expect("tempdir");
     let secret = [b'k'; 32];
     std::fs::write(work.path().join("jwt.secret"), secret).expect("secret");
@@ -84,7 +90,14 @@ async fn main() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_peervault"))
         .args(["serve", "all", "--tls-client-auth", "optional", "--data-dir"])
         .arg(&data)
-        .args(["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--log-format", "json", "--log", "warn,peervault_runtime=info"])
         .arg("--jwt-hs256-secret-file")
         .arg(work.path().join("jwt.secret"))

@@ -234,8 +234,12 @@ impl Authorizer {
     /// WebSocket gateway — and checks it grants `needed`.
     pub fn authenticate_token(&self, token: &str, needed: Scope) -> Result<Caller, Refusal> {
         let mut headers = http::HeaderMap::new();
-        let value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-            .map_err(|_| (Status::unauthenticated("the token is not valid text"), "malformed_credential"))?;
+        let value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+            (
+                Status::unauthenticated("the token is not valid text"),
+                "malformed_credential",
+            )
+        })?;
         headers.insert(http::header::AUTHORIZATION, value);
         let path = match needed {
             Scope::Read => "/peervault.v1.EventService/Subscribe",
