@@ -101,7 +101,11 @@ async fn ws_subscribed(http: SocketAddr, topic: &str) -> Ws {
     assert!(hello["clientId"].is_string());
     ws_send(&mut ws, json!({"type": "subscribe", "topic": topic})).await;
     let ack = ws_next(&mut ws).await;
-    assert_eq!((ack["type"].as_str(), ack["topic"].as_str()), (Some("subscribed"), Some(topic)), "{ack}");
+    assert_eq!(
+        (ack["type"].as_str(), ack["topic"].as_str()),
+        (Some("subscribed"), Some(topic)),
+        "{ack}"
+    );
     ws
 }
 
@@ -145,13 +149,24 @@ async fn published_events_reach_grpc_and_websocket_subscribers() {
     assert_eq!(publish(&node, vec![file_event("e1", "photos/cat.jpg")]).await, 1);
 
     let e = next(&mut sub).await;
-    assert_eq!((e.sequence, e.r#type.as_str(), e.topic.as_str()), (1, "file_uploaded", "file_operations"));
+    assert_eq!(
+        (e.sequence, e.r#type.as_str(), e.topic.as_str()),
+        (1, "file_uploaded", "file_operations")
+    );
     assert!(!e.node.is_empty());
-    let Some(Payload::FileOperation(f)) = &e.payload else { panic!("{e:?}") };
-    assert_eq!((f.event_type.as_str(), f.file_key.as_str(), f.size), ("upload", "photos/cat.jpg", 1024));
+    let Some(Payload::FileOperation(f)) = &e.payload else {
+        panic!("{e:?}")
+    };
+    assert_eq!(
+        (f.event_type.as_str(), f.file_key.as_str(), f.size),
+        ("upload", "photos/cat.jpg", 1024)
+    );
 
     let f = next(&mut files).await;
-    assert_eq!((f.event_type.as_str(), f.file_key.as_str(), f.peer_id.as_str()), ("upload", "photos/cat.jpg", "blob-0"));
+    assert_eq!(
+        (f.event_type.as_str(), f.file_key.as_str(), f.peer_id.as_str()),
+        ("upload", "photos/cat.jpg", "blob-0")
+    );
 
     let m = ws_next(&mut ws).await;
     assert_eq!(m["type"], "file_uploaded", "{m}");
@@ -181,10 +196,23 @@ async fn published_events_reach_grpc_and_websocket_subscribers() {
         &["transport=\"websocket\"", "topic=\"file_operations\""],
         |v| v == 1.0,
     );
-    node.wait_metric("peervault_events_published_total", &["topic=\"file_operations\""], |v| v == 2.0);
+    node.wait_metric(
+        "peervault_events_published_total",
+        &["topic=\"file_operations\""],
+        |v| v == 2.0,
+    );
     node.wait_metric("peervault_events_duplicates_total", &[], |v| v == 1.0);
-    node.wait_metric("peervault_events_subscribers", &["transport=\"websocket\""], |v| v == 1.0);
-    assert!(node.metric("peervault_events_delivery_latency_seconds_count", &["transport=\"grpc\""]).unwrap() >= 2.0);
+    node.wait_metric("peervault_events_subscribers", &["transport=\"websocket\""], |v| {
+        v == 1.0
+    });
+    assert!(
+        node.metric(
+            "peervault_events_delivery_latency_seconds_count",
+            &["transport=\"grpc\""]
+        )
+        .unwrap()
+            >= 2.0
+    );
 }
 
 #[tokio::test]
@@ -215,7 +243,9 @@ async fn publish_refuses_clients_and_bad_batches() {
         .await
         .unwrap_err();
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
-    node.wait_metric("peervault_events_rejected_total", &["reason=\"unknown_topic\""], |v| v == 1.0);
+    node.wait_metric("peervault_events_rejected_total", &["reason=\"unknown_topic\""], |v| {
+        v == 1.0
+    });
 }
 
 #[tokio::test]
@@ -269,7 +299,9 @@ async fn resume_older_than_the_buffer_is_told_where_replay_starts() {
     .await;
     let first = next(&mut sub).await;
     assert_eq!(first.r#type, "replay_start", "{first:?}");
-    let Some(Payload::ReplayStart(r)) = first.payload else { panic!("{first:?}") };
+    let Some(Payload::ReplayStart(r)) = first.payload else {
+        panic!("{first:?}")
+    };
     assert_eq!(r.first_available_sequence, 8);
     for want in 8..=12 {
         assert_eq!(seq_of(&next(&mut sub).await), want);
@@ -302,12 +334,23 @@ async fn a_stalled_subscriber_does_not_delay_a_fast_one() {
         assert_eq!(publish(&node, events).await, 50);
         for i in 0..50 {
             let e = next(&mut fast).await;
-            assert_eq!(e.sequence, batch * 50 + i + 1, "the fast subscriber lost or reordered events");
+            assert_eq!(
+                e.sequence,
+                batch * 50 + i + 1,
+                "the fast subscriber lost or reordered events"
+            );
         }
         worst = worst.max(t.elapsed());
     }
-    assert!(started.elapsed() < WAIT, "publishing and fast delivery took {:?}", started.elapsed());
-    assert!(worst < Duration::from_secs(5), "one batch took {worst:?} to reach the fast subscriber");
+    assert!(
+        started.elapsed() < WAIT,
+        "publishing and fast delivery took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        worst < Duration::from_secs(5),
+        "one batch took {worst:?} to reach the fast subscriber"
+    );
 
     // The stalled one is told what it missed, then continues with newer events.
     let mut saw_lag = None;
@@ -324,7 +367,9 @@ async fn a_stalled_subscriber_does_not_delay_a_fast_one() {
     }
     let missed = saw_lag.expect("no lagged notice");
     assert!(missed > 0 && missed < total, "{missed}");
-    node.wait_metric("peervault_events_lag_notices_total", &["transport=\"grpc\""], |v| v >= 1.0);
+    node.wait_metric("peervault_events_lag_notices_total", &["transport=\"grpc\""], |v| {
+        v >= 1.0
+    });
 
     // The stalled WebSocket client likewise gets a lagged message (its socket buffers are large,
     // so it may instead have kept up); either way it is still served afterwards.
@@ -346,7 +391,11 @@ async fn a_stalled_subscriber_does_not_delay_a_fast_one() {
             other => panic!("unexpected {other:?}: {m}"),
         }
     }
-    assert!(got_lagged || events == total, "lost {} events without a lagged notice", total - events);
+    assert!(
+        got_lagged || events == total,
+        "lost {} events without a lagged notice",
+        total - events
+    );
 }
 
 #[tokio::test]
@@ -361,7 +410,10 @@ async fn each_bad_websocket_input_is_answered_and_the_connection_survives() {
         (Message::text("this is not json"), "not valid JSON"),
         (Message::text(r#"{"topic":"system"}"#), "no `type`"),
         (Message::text(r#"{"type":"dance"}"#), "unknown message type 'dance'"),
-        (Message::text(r#"{"type":"subscribe","topic":"weather"}"#), "unknown topic 'weather'"),
+        (
+            Message::text(r#"{"type":"subscribe","topic":"weather"}"#),
+            "unknown topic 'weather'",
+        ),
         (Message::text(r#"{"type":"subscribe"}"#), "`topic`"),
         (Message::text("[1,2,3]"), "JSON object"),
         (Message::binary(vec![1u8, 2, 3]), "binary"),
@@ -379,18 +431,31 @@ async fn each_bad_websocket_input_is_answered_and_the_connection_survives() {
     }
 
     // Over the size limit: told so, then closed with 1009; the service keeps serving.
-    ws.send(Message::text(format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(5000))))
-        .await
-        .unwrap();
+    ws.send(Message::text(format!(
+        r#"{{"type":"ping","pad":"{}"}}"#,
+        "x".repeat(5000)
+    )))
+    .await
+    .unwrap();
     let e = ws_next(&mut ws).await;
     assert_eq!(e["data"]["code"], "INVALID_MESSAGE", "{e}");
     assert!(e["data"]["message"].as_str().unwrap().contains("4096"), "{e}");
     assert_eq!(ws_close_code(&mut ws).await, Some(1009));
     let _ = ws_subscribed(http, "alerts").await;
 
-    node.wait_metric("peervault_events_ws_errors_total", &["code=\"INVALID_MESSAGE\""], |v| v == 8.0);
-    node.wait_metric("peervault_events_ws_rejects_total", &["reason=\"message_too_large\""], |v| v == 1.0);
-    node.wait_metric("peervault_events_ws_messages_received_total", &["type=\"invalid\""], |v| v == 7.0);
+    node.wait_metric("peervault_events_ws_errors_total", &["code=\"INVALID_MESSAGE\""], |v| {
+        v == 8.0
+    });
+    node.wait_metric(
+        "peervault_events_ws_rejects_total",
+        &["reason=\"message_too_large\""],
+        |v| v == 1.0,
+    );
+    node.wait_metric(
+        "peervault_events_ws_messages_received_total",
+        &["type=\"invalid\""],
+        |v| v == 7.0,
+    );
 }
 
 #[tokio::test]
@@ -415,7 +480,10 @@ async fn a_client_over_its_rate_is_told_when_to_retry() {
     };
     assert!(pongs <= 20, "{pongs} pongs");
     assert_eq!(err["data"]["code"], "RATE_LIMIT_EXCEEDED", "{err}");
-    assert_eq!(err["data"]["message"], "Rate limit exceeded. Please slow down your requests.");
+    assert_eq!(
+        err["data"]["message"],
+        "Rate limit exceeded. Please slow down your requests."
+    );
     let retry = err["data"]["retryAfter"].as_u64().expect("retryAfter");
     assert!((1..=60).contains(&retry), "{retry}");
     // After waiting as told, the same connection is served again.
@@ -457,7 +525,11 @@ async fn connections_over_the_limit_and_foreign_origins_are_refused() {
     gone.close(None).await.unwrap();
     node.wait_metric("peervault_events_ws_connections", &[], |v| v == 2.0);
     open.push(ws_subscribed(http, "system").await);
-    node.wait_metric("peervault_events_ws_rejects_total", &["reason=\"connection_limit\""], |v| v == 1.0);
+    node.wait_metric(
+        "peervault_events_ws_rejects_total",
+        &["reason=\"connection_limit\""],
+        |v| v == 1.0,
+    );
 
     drop(open);
     node.wait_metric("peervault_events_ws_connections", &[], |v| v == 0.0);
@@ -479,7 +551,11 @@ async fn connections_over_the_limit_and_foreign_origins_are_refused() {
         }
         other => panic!("expected a 403, got {other:?}"),
     }
-    node.wait_metric("peervault_events_ws_rejects_total", &["reason=\"origin_not_allowed\""], |v| v == 1.0);
+    node.wait_metric(
+        "peervault_events_ws_rejects_total",
+        &["reason=\"origin_not_allowed\""],
+        |v| v == 1.0,
+    );
 }
 
 #[tokio::test]
@@ -536,7 +612,10 @@ async fn an_upload_through_blob_reaches_grpc_and_websocket_subscribers() {
     assert_eq!(m["data"]["key"], "docs/readme.txt");
     assert_eq!(m["data"]["size"], 12);
     let f = next(&mut relayed).await;
-    assert_eq!((f.event_type.as_str(), f.file_key.as_str(), f.size), ("upload", "docs/readme.txt", 12));
+    assert_eq!(
+        (f.event_type.as_str(), f.file_key.as_str(), f.size),
+        ("upload", "docs/readme.txt", 12)
+    );
 }
 
 #[tokio::test]
@@ -575,10 +654,18 @@ async fn publishers_reconnect_after_an_events_pod_restart() {
     let mut sub = subscribe(&events, from_peer()).await;
     let e = next(&mut sub).await;
     let data: Value = serde_json::from_str(&e.data_json).unwrap();
-    assert!(data["storage"].is_object() && data["network"].is_object() && data["performance"].is_object(), "{data}");
+    assert!(
+        data["storage"].is_object() && data["network"].is_object() && data["performance"].is_object(),
+        "{data}"
+    );
     assert!(data["memory"]["residentBytes"].as_u64().unwrap() > 0, "{data}");
-    let Some(Payload::System(s)) = &e.payload else { panic!("{e:?}") };
-    assert_eq!((s.event_type.as_str(), s.component.as_str()), ("system_metrics", "peer"));
+    let Some(Payload::System(s)) = &e.payload else {
+        panic!("{e:?}")
+    };
+    assert_eq!(
+        (s.event_type.as_str(), s.component.as_str()),
+        ("system_metrics", "peer")
+    );
 
     // The events pod goes away and comes back on the same address.
     events.signal("KILL");
@@ -589,7 +676,9 @@ async fn publishers_reconnect_after_an_events_pod_restart() {
     let e = next(&mut sub).await;
     assert_eq!(e.source, "peer/peer-x");
     assert!(e.sequence >= 1);
-    peer.wait_metric("peervault_events_client_published_total", &["topic=\"system\""], |v| v >= 8.0);
+    peer.wait_metric("peervault_events_client_published_total", &["topic=\"system\""], |v| {
+        v >= 8.0
+    });
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -607,7 +696,9 @@ async fn shutdown_closes_websockets_and_ends_streams_then_exits_zero() {
     let mut sub = subscribe(&node, SubscribeRequest::default()).await;
     node.signal("TERM");
     assert_eq!(ws_close_code(&mut ws).await, Some(1001));
-    let end = tokio::time::timeout(WAIT, sub.message()).await.expect("stream not ended");
+    let end = tokio::time::timeout(WAIT, sub.message())
+        .await
+        .expect("stream not ended");
     assert!(matches!(end, Ok(None)), "{end:?}");
     let st = node.wait_exit(WAIT);
     assert!(st.success(), "{st:?}");
@@ -645,7 +736,10 @@ async fn publishers_send_to_every_events_pod_listed_or_resolved() {
         .await;
         let e = next(&mut sub).await;
         let data: Value = serde_json::from_str(&e.data_json).unwrap();
-        assert!(data["totalSpace"].is_u64() && data["usagePercent"].is_number(), "{data}");
+        assert!(
+            data["totalSpace"].is_u64() && data["usagePercent"].is_number(),
+            "{data}"
+        );
     }
     peer.wait_metric("peervault_events_client_endpoints", &[], |v| v == 2.0);
 }

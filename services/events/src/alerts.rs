@@ -77,6 +77,7 @@ impl AlertEngine {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn alert(
         &self,
         kind: &str,

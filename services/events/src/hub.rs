@@ -100,7 +100,7 @@ impl Filter {
     /// Whether `e` passes.
     pub fn matches(&self, e: &StoredEvent) -> bool {
         self.topics.contains(e.topic)
-            && (self.types.is_empty() || self.types.iter().any(|t| *t == e.event.r#type))
+            && (self.types.is_empty() || self.types.contains(&e.event.r#type))
             && (self.source.is_empty() || self.source == e.event.source)
     }
 }

@@ -254,6 +254,9 @@ async fn upgrade(
     let ws = ws
         .max_message_size(max_msg)
         .max_frame_size(max_msg)
+        // Small buffers that grow on demand keep a thousand idle clients cheap.
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(16 * 1024)
         // A client that does not read cannot make the server buffer more than this.
         .max_write_buffer_size(1024 * 1024 + max_msg.min(4 * 1024 * 1024));
     ws.on_upgrade(move |socket| async move {
