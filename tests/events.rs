@@ -689,7 +689,9 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-#[tokio::test]
+// Multi-threaded so the client's connection tasks keep running (and answer the server's
+// GOAWAY) while the test thread waits for the process to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_websockets_and_ends_streams_then_exits_zero() {
     let (mut node, http) = quiet_events().start_events();
     let mut ws = ws_subscribed(http, "system").await;
@@ -700,7 +702,8 @@ async fn shutdown_closes_websockets_and_ends_streams_then_exits_zero() {
         .await
         .expect("stream not ended");
     assert!(matches!(end, Ok(None)), "{end:?}");
-    let st = node.wait_exit(WAIT);
+    drop(sub);
+    let st = tokio::task::block_in_place(|| node.wait_exit(WAIT));
     assert!(st.success(), "{st:?}");
 }
 
@@ -742,4 +745,47 @@ async fn publishers_send_to_every_events_pod_listed_or_resolved() {
         );
     }
     peer.wait_metric("peervault_events_client_endpoints", &[], |v| v == 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_closed_after_the_pong_wait_and_answering_ones_stay() {
+    let (node, http) = quiet_events()
+        .arg("--ws-ping-period")
+        .arg("200ms")
+        .arg("--ws-pong-wait")
+        .arg("600ms")
+        .start_events();
+    let mut reading = ws_subscribed(http, "system").await;
+    let mut silent = ws_subscribed(http, "system").await;
+    // The reading client answers pings (tungstenite replies while reading) for 2 s.
+    let reader = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut pings = 0;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match tokio::time::timeout(left, reading.next()).await {
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(Message::Close(f)))) => panic!("an answering client was closed: {f:?}"),
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => break,
+            }
+        }
+        (reading, pings)
+    });
+    // The silent one sends nothing, not even pongs: once the server gives up on it, it finds a
+    // close with 1001 (the server waits a moment for the closing handshake).
+    tokio::task::block_in_place(|| {
+        node.wait_metric("peervault_events_ws_rejects_total", &["reason=\"pong_timeout\""], |v| {
+            v >= 1.0
+        })
+    });
+    assert_eq!(ws_close_code(&mut silent).await, Some(1001));
+    let (mut reading, pings) = reader.await.unwrap();
+    assert!(pings >= 3, "{pings} pings in 2 s with a 200 ms period");
+    ws_send(&mut reading, json!({"type": "ping"})).await;
+    assert_eq!(ws_next(&mut reading).await["type"], "pong");
+    assert_eq!(
+        node.metric("peervault_events_ws_rejects_total", &["reason=\"pong_timeout\""]),
+        Some(1.0)
+    );
 }

@@ -532,7 +532,18 @@ impl Connection {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = tokio::time::timeout(ws.write_timeout, socket.send(Message::Close(Some(frame)))).await;
+            if let Ok(Ok(())) = tokio::time::timeout(ws.write_timeout, socket.send(Message::Close(Some(frame)))).await {
+                // The closing handshake: give the client a moment to read what is pending and
+                // answer the close, so it sees the code rather than a reset.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok(m)) = socket.recv().await {
+                        if matches!(m, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
         }
         tracing::debug!(remote = %self.remote, client = %self.client_id, "WebSocket closed");
     }
