@@ -25,7 +25,8 @@ pub use error::BlobError;
 pub struct Upstreams {
     /// The peer service (`--peer-endpoint`); `None` when not configured.
     pub peer: Option<String>,
-    /// The events service (`--events-endpoint`); `None` when not configured.
+    /// The events service (`--events-endpoint`, possibly a comma-separated list of pods);
+    /// `None` when not configured.
     pub events: Option<String>,
 }
 

@@ -45,7 +45,12 @@ impl PeerVaultApi {
     /// start-up (its calls answer UNAVAILABLE until it is back).
     pub fn new(ctx: &ServiceContext, upstreams: Upstreams, files: BlobApi) -> Result<Self, BlobError> {
         let peer = upstream(ctx, &upstreams.peer, "peer", "--peer-endpoint")?.map(PeerServiceClient::new);
-        let events = upstream(ctx, &upstreams.events, "events", "--events-endpoint")?.map(EventServiceClient::new);
+        // Streams are relayed from one events pod: every pod carries every event.
+        let first_events = upstreams
+            .events
+            .as_deref()
+            .and_then(|e| peervault_events_client::parse_endpoints(e).into_iter().next());
+        let events = upstream(ctx, &first_events, "events", "--events-endpoint")?.map(EventServiceClient::new);
         tracing::info!(peer = ?upstreams.peer, events = ?upstreams.events, "PeerVaultService upstreams");
         Ok(PeerVaultApi {
             files,
