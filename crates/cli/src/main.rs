@@ -887,10 +887,10 @@ async fn put_resumable(
     };
     let store = state::Store::new(settings.state_dir.clone());
     let resume_id = identity.as_ref().and_then(|i| store.find(i));
-    if let Some(id) = &resume_id {
-        if !ui.quiet {
-            eprintln!("pvault: resuming upload {id} of {file}");
-        }
+    if let Some(id) = &resume_id
+        && !ui.quiet
+    {
+        eprintln!("pvault: resuming upload {id} of {file}");
     }
     let bar = ui.bar(total, key.as_deref().unwrap_or(file));
     let bar_progress = progress_of(&bar);

@@ -51,6 +51,8 @@ impl Server {
         s
     }
 
+    // The child is waited for by `Server::drop` (a panic here ends the test process).
+    #[allow(clippy::zombie_processes)]
     fn start_at(dir: &Path, grpc: &str) -> Server {
         let mut child = Command::new(server_bin())
             .args(["serve", "all", "--data-dir"])

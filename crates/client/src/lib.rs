@@ -47,7 +47,7 @@ pub use events::{EventFilter, EventWatch};
 pub use peervault_proto::v1 as proto;
 pub use retry::{RetryObserver, RetryPolicy};
 pub use tonic;
-pub use transfer::{BlobUpload, Download, Progress, PutOptions, UploadOptions};
+pub use transfer::{BlobUpload, Download, Progress, PutOptions, UploadIdCallback, UploadOptions};
 
 use peervault_proto::v1::{
     AddPeerRequest, DeleteFileResponse, FileRequest, FileResponse, HealthResponse, ListFilesRequest, ListFilesResponse,

@@ -20,6 +20,9 @@ use crate::{Client, Error, error::is_retryable, hex};
 /// Told the number of bytes transferred so far (cumulative).
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// Told an upload id as soon as the server assigns it.
+pub type UploadIdCallback = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Size of each upload message (the protocol advises 64 KiB to 1 MiB).
 const PIECE: usize = 256 * 1024;
 
@@ -57,7 +60,7 @@ pub struct UploadOptions {
     /// Told the bytes acknowledged (durably stored) so far.
     pub progress: Option<Progress>,
     /// Told the upload id as soon as the server assigns it (persist it to resume after a crash).
-    pub on_upload_id: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub on_upload_id: Option<UploadIdCallback>,
 }
 
 impl Default for UploadOptions {
@@ -295,10 +298,10 @@ impl Client {
                     Some(Down::Ack(a)) => a,
                     other => return Err(Error::Protocol(format!("expected an ack after start, got {other:?}"))),
                 };
-                if id.as_deref() != Some(ack.upload_id.as_str()) {
-                    if let Some(cb) = &opts.on_upload_id {
-                        cb(&ack.upload_id);
-                    }
+                if id.as_deref() != Some(ack.upload_id.as_str())
+                    && let Some(cb) = &opts.on_upload_id
+                {
+                    cb(&ack.upload_id);
                 }
                 id = Some(ack.upload_id.clone());
                 let held = ack.received_bytes;
@@ -344,15 +347,14 @@ impl Client {
                         biased;
                         msg = stream.message() => match msg {
                             Ok(Some(m)) => match m.response {
-                                Some(Down::Ack(a)) => {
-                                    if a.received_bytes > base {
-                                        base = a.received_bytes.min(read_pos);
-                                        trim(&mut buf, base);
-                                        if let Some(p) = &opts.progress {
-                                            p(base);
-                                        }
+                                Some(Down::Ack(a)) if a.received_bytes > base => {
+                                    base = a.received_bytes.min(read_pos);
+                                    trim(&mut buf, base);
+                                    if let Some(p) = &opts.progress {
+                                        p(base);
                                     }
                                 }
+                                Some(Down::Ack(_)) => {}
                                 Some(Down::Complete(c)) => {
                                     let want = digest.map(|d| d.as_bytes().to_vec());
                                     if want.as_deref().is_some_and(|w| w != c.key.as_ref()) {
