@@ -420,3 +420,32 @@ async fn the_websocket_gateway_accepts_the_same_api_keys() {
     assert!(codes.iter().any(|c| c == "AUTH_FAILED"), "{codes:?}");
     node.wait_metric("peervault_auth_failures_total", &["unknown_key"], |v| v >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_limited_key_sees_only_its_file_events() {
+    use peervault_proto::v1::{SubscribeRequest, event::Payload, event_service_client::EventServiceClient};
+    let tmp = tempfile::tempdir().unwrap();
+    let node = optional_node(&tmp.path().join("data"), &[]);
+    let admin = node.channel().await;
+    let (_, scoped) = create_key(&admin, "scoped", &["read"], "team-a/").await;
+    let mut events = EventServiceClient::new(bearer(&node, &scoped).await)
+        .subscribe(SubscribeRequest {
+            topics: vec!["file_operations".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Another team's upload first, then ours: the first event the key sees must be ours.
+    put(None, &admin, "team-b/secret").await.unwrap();
+    put(None, &admin, "team-a/report").await.unwrap();
+    let e = tokio::time::timeout(WAIT, events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match e.payload {
+        Some(Payload::FileOperation(f)) => assert_eq!(f.file_key, "team-a/report"),
+        other => panic!("unexpected event {other:?}"),
+    }
+}

@@ -79,14 +79,21 @@ pub fn envelope(d: &Delivery, node: &str) -> Event {
     }
 }
 
+/// The key prefix the caller is limited to (API keys and JWT subjects may be).
+fn key_limit<T>(req: &Request<T>) -> Option<String> {
+    req.extensions()
+        .get::<peervault_runtime::Caller>()
+        .and_then(|c| c.key_prefix.clone())
+}
+
 #[tonic::async_trait]
 impl EventService for EventApi {
     async fn stream_file_operations(
         &self,
-        _req: Request<()>,
+        req: Request<()>,
     ) -> Result<Response<EventStream<FileOperationEvent>>, Status> {
         let sub = self.core.hub.subscribe(
-            Filter::topics([Topic::FileOperations].into_iter().collect()),
+            Filter::topics([Topic::FileOperations].into_iter().collect()).limited_to(key_limit(&req)),
             None,
             TRANSPORT,
         )?;
@@ -128,6 +135,7 @@ impl EventService for EventApi {
     }
 
     async fn subscribe(&self, req: Request<SubscribeRequest>) -> Result<Response<EventStream<Event>>, Status> {
+        let limit = key_limit(&req);
         let r = req.into_inner();
         let mut topics = TopicSet::EMPTY;
         for t in &r.topics {
@@ -148,6 +156,7 @@ impl EventService for EventApi {
             topics,
             types: r.types,
             source: r.source,
+            key_prefix: limit,
         };
         let resume = r.since_sequence.map(|since_sequence| Resume {
             since_sequence,

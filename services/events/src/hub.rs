@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use peervault_proto::v1::Event;
+use peervault_proto::v1::{Event, event::Payload};
 use tokio::sync::broadcast;
 
 use crate::{
@@ -76,6 +76,8 @@ pub struct Filter {
     pub types: Vec<String>,
     /// Source; empty means every source.
     pub source: String,
+    /// For a caller limited to a key prefix: file events of other keys are withheld.
+    pub key_prefix: Option<String>,
 }
 
 impl Filter {
@@ -85,6 +87,7 @@ impl Filter {
             topics: TopicSet::ALL,
             types: vec![],
             source: String::new(),
+            key_prefix: None,
         }
     }
 
@@ -94,7 +97,14 @@ impl Filter {
             topics,
             types: vec![],
             source: String::new(),
+            key_prefix: None,
         }
+    }
+
+    /// The same filter, limited to file events under `prefix` when given.
+    pub fn limited_to(mut self, prefix: Option<String>) -> Filter {
+        self.key_prefix = prefix;
+        self
     }
 
     /// Whether `e` passes.
@@ -102,6 +112,18 @@ impl Filter {
         self.topics.contains(e.topic)
             && (self.types.is_empty() || self.types.contains(&e.event.r#type))
             && (self.source.is_empty() || self.source == e.event.source)
+            && self.key_visible(e)
+    }
+
+    fn key_visible(&self, e: &StoredEvent) -> bool {
+        let Some(prefix) = &self.key_prefix else {
+            return true;
+        };
+        if e.topic != Topic::FileOperations {
+            return true;
+        }
+        // A file event without a typed key is withheld rather than guessed at.
+        matches!(&e.event.payload, Some(Payload::FileOperation(f)) if f.file_key.starts_with(prefix.as_str()))
     }
 }
 
@@ -610,6 +632,7 @@ mod tests {
             topics: TopicSet::ALL,
             types: vec!["file_deleted".into()],
             source: String::new(),
+            key_prefix: None,
         };
         let mut s = h.subscribe(f, None, "grpc").unwrap();
         for i in 0..20 {
