@@ -146,6 +146,11 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// API keys (AuthService; needs scope `admin`).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Health of the server process and each service it hosts (exit 0 only when healthy).
     Health {
         /// Print JSON.
@@ -246,6 +251,38 @@ enum PeersCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its secret (shown only once) on stdout.
+    Create {
+        /// Unique name of the key.
+        name: String,
+        /// Scope: read, write, admin (repeatable; default read and write).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Restrict the key to file keys starting with this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Lifetime, e.g. 30d (default: never expires).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// List keys (never their secrets).
+    Ls {
+        /// Include revoked keys.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// The key's id.
+        id: String,
     },
 }
 
@@ -780,6 +817,7 @@ async fn dispatch(command: Command, client: &Client, settings: &config::Settings
             }
             Ok(0)
         }
+        Command::Keys { command } => keys(client, command).await,
         Command::Bench(args) => bench::run(client, args, ui).await,
         Command::Completions { .. } => Ok(0),
     }
@@ -1024,6 +1062,50 @@ async fn peers(client: &Client, command: PeersCommand) -> anyhow::Result<u8> {
                     h.peer_id, h.status, h.latency_ms, h.uptime_seconds, h.consecutive_failures
                 );
             }
+            Ok(0)
+        }
+    }
+}
+
+async fn keys(client: &Client, command: KeysCommand) -> anyhow::Result<u8> {
+    match command {
+        KeysCommand::Create {
+            name,
+            scopes,
+            prefix,
+            ttl,
+        } => {
+            let scopes = if scopes.is_empty() {
+                vec!["read".to_string(), "write".to_string()]
+            } else {
+                scopes
+            };
+            let r = client.create_api_key(&name, scopes, &prefix, ttl).await?;
+            println!("{}", r.secret);
+            Ok(0)
+        }
+        KeysCommand::Ls { all, json } => {
+            let keys = client.list_api_keys(all).await?;
+            if json {
+                print_json(&Value::Array(
+                    keys.iter()
+                        .map(|k| {
+                            json!({"id": k.id, "name": k.name, "scopes": k.scopes, "key_prefix": k.key_prefix,
+                                "created_at": ts(&k.created_at), "expires_at": ts(&k.expires_at), "revoked": k.revoked,
+                                "created_by": k.created_by})
+                        })
+                        .collect(),
+                ));
+            } else {
+                for k in &keys {
+                    let state = if k.revoked { " (revoked)" } else { "" };
+                    println!("{}\t{}\t{}\t{}{state}", k.id, k.name, k.scopes.join(","), k.key_prefix);
+                }
+            }
+            Ok(0)
+        }
+        KeysCommand::Revoke { id } => {
+            client.revoke_api_key(&id).await?;
             Ok(0)
         }
     }

@@ -54,6 +54,12 @@ impl Server {
     // The child is waited for by `Server::drop` (a panic here ends the test process).
     #[allow(clippy::zombie_processes)]
     fn start_at(dir: &Path, grpc: &str) -> Server {
+        Server::start_full(dir, grpc, &[])
+    }
+
+    // The child is waited for by `Server::drop` (a panic here ends the test process).
+    #[allow(clippy::zombie_processes)]
+    fn start_full(dir: &Path, grpc: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(server_bin())
             .args(["serve", "all", "--data-dir"])
             .arg(dir)
@@ -66,6 +72,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .args(["--log-format", "json"])
+            .args(extra)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -597,4 +604,50 @@ fn a_1_gib_put_from_stdin_keeps_memory_bounded() {
         1024.0 / secs
     );
     assert!(peak < 128 * 1024, "pvault peak RSS {} KiB for a 1 GiB put", peak);
+}
+
+#[test]
+fn an_api_key_made_with_the_cli_works_as_a_token_and_stops_when_revoked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let s = Server::start_with(&dir, &["--tls-client-auth", "optional"]);
+    let secret = ok(
+        s.pvault(),
+        &["keys", "create", "ci", "--scope", "read", "--scope", "write"],
+    );
+    let secret = secret.trim().to_string();
+    assert!(secret.starts_with("pvk_"), "{secret}");
+    // No client certificate: only the CA to trust the server, and the token.
+    let token_cli = |token: &str| {
+        let mut c = s.pvault();
+        c.env("PEERVAULT_TLS_DIR", tmp.path().join("empty"))
+            .env("PEERVAULT_CA", s.tls_dir().join("ca.crt"))
+            .env("PEERVAULT_TOKEN", token);
+        c
+    };
+    let mut put = token_cli(&secret)
+        .args(["put", "-", "tok/a.txt"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    put.stdin.take().unwrap().write_all(b"by token").unwrap();
+    assert!(put.wait().unwrap().success());
+    assert_eq!(ok(token_cli(&secret), &["get", "tok/a.txt"]), "by token");
+    // The key lacks `admin`; a wrong token is refused.
+    fails(token_cli(&secret), &["keys", "ls"], 4, "permission denied");
+    fails(token_cli("pvk_wrong"), &["ls"], 4, "not authenticated");
+    let listed = ok(s.pvault(), &["keys", "ls", "--json"]);
+    let keys: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let id = keys[0]["id"].as_str().unwrap().to_string();
+    ok(s.pvault(), &["keys", "revoke", &id]);
+    fails(token_cli(&secret), &["ls"], 4, "not authenticated");
+}
+
+impl Server {
+    // The child is waited for by `Server::drop`.
+    #[allow(clippy::zombie_processes)]
+    fn start_with(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_full(dir, "127.0.0.1:0", extra)
+    }
 }

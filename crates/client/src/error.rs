@@ -265,6 +265,9 @@ fn describe_status(status: &Status) -> String {
         Code::Unavailable => "unavailable",
         Code::DataLoss => "data loss",
         Code::Internal => "internal server error",
+        Code::Unimplemented => {
+            "not served here (a server of another version, or a role without this service; check --server)"
+        }
         _ => "error",
     };
     let hint = match status.code() {

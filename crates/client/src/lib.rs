@@ -401,6 +401,61 @@ impl Client {
         PeerServiceClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
     }
 
+    fn auth(&self) -> peervault_proto::v1::auth_service_client::AuthServiceClient<Channel> {
+        peervault_proto::v1::auth_service_client::AuthServiceClient::new(self.channel.clone())
+    }
+
+    /// Creates an API key (needs scope `admin`); the response holds its secret, shown only once.
+    /// `ttl` of `None` means it never expires.
+    pub async fn create_api_key(
+        &self,
+        name: &str,
+        scopes: Vec<String>,
+        key_prefix: &str,
+        ttl: Option<Duration>,
+    ) -> Result<peervault_proto::v1::CreateApiKeyResponse, Error> {
+        use peervault_proto::v1::{CreateApiKeyRequest, create_api_key_request::Expiry};
+        self.unary("CreateApiKey", || {
+            let mut c = self.auth();
+            let req = self.request(
+                CreateApiKeyRequest {
+                    name: name.to_string(),
+                    scopes: scopes.clone(),
+                    key_prefix: key_prefix.to_string(),
+                    expiry: ttl.map(|t| {
+                        Expiry::Ttl(prost_types::Duration {
+                            seconds: t.as_secs() as i64,
+                            nanos: t.subsec_nanos() as i32,
+                        })
+                    }),
+                },
+                true,
+            );
+            async move { c.create_api_key(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Lists API keys (never their secrets), newest first.
+    pub async fn list_api_keys(&self, include_revoked: bool) -> Result<Vec<peervault_proto::v1::ApiKey>, Error> {
+        self.unary("ListApiKeys", || {
+            let mut c = self.auth();
+            let req = self.request(peervault_proto::v1::ListApiKeysRequest { include_revoked }, true);
+            async move { c.list_api_keys(req).await.map(|r| r.into_inner().keys) }
+        })
+        .await
+    }
+
+    /// Revokes an API key by id.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<(), Error> {
+        self.unary("RevokeApiKey", || {
+            let mut c = self.auth();
+            let req = self.request(peervault_proto::v1::RevokeApiKeyRequest { id: id.to_string() }, true);
+            async move { c.revoke_api_key(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
     fn system(&self) -> SystemServiceClient<Channel> {
         SystemServiceClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
     }
