@@ -1,6 +1,6 @@
 //! `pvault bench`: upload, download, small-object and event fan-out figures against a running
 //! server, printed as JSON beside this machine's limits measured in the same run (loopback
-//! TCP throughput, disk write with fsync, BLAKE3 hashing).
+//! TCP and TLS throughput, disk write with fsync, BLAKE3 hashing).
 
 use std::{
     pin::Pin,
@@ -111,6 +111,60 @@ async fn loopback_tcp(bytes: u64) -> anyhow::Result<f64> {
     Ok(mib_s(sent, t.elapsed()))
 }
 
+/// Throughput of one TLS 1.3 connection over loopback (rustls, ring; a self-signed certificate
+/// made for the run): the ceiling for one gRPC stream.
+async fn loopback_tls(bytes: u64) -> anyhow::Result<f64> {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let cert = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let mut server_cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)?;
+    // No session tickets: the client never reads, and unread tickets would make closing the
+    // socket reset the connection before the server has read everything.
+    server_cfg.send_tls13_tickets = 0;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert)?;
+    let client_cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (s, _) = l.accept().await?;
+        let mut s = acceptor.accept(s).await?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            let r = s.read(&mut buf).await?;
+            if r == 0 {
+                return Ok::<u64, std::io::Error>(n);
+            }
+            n += r as u64;
+        }
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut c = connector.connect(ServerName::try_from("localhost")?, tcp).await?;
+    let buf = vec![7u8; 256 * 1024];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        c.write_all(&buf).await?;
+        sent += buf.len() as u64;
+    }
+    c.shutdown().await?;
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest).await;
+    server.await??;
+    Ok(mib_s(sent, t.elapsed()))
+}
+
 fn disk_write(dir: &std::path::Path, bytes: u64) -> anyhow::Result<f64> {
     use std::io::Write;
     let path = dir.join(format!(".pvault-bench-{}", std::process::id()));
@@ -159,6 +213,7 @@ pub async fn run(client: &Client, args: BenchArgs, ui: &Ui) -> anyhow::Result<u8
     let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let limits = json!({
         "loopback_tcp_mib_s": round(loopback_tcp(big.max(256 << 20)).await?),
+        "loopback_tls_mib_s": round(loopback_tls(big.max(256 << 20)).await?),
         "disk_write_fsync_mib_s": round(disk_write(&dir, big.min(512 << 20))?),
         "blake3_hash_mib_s": round(hash_rate(big.max(256 << 20))),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
