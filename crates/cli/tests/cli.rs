@@ -453,7 +453,7 @@ fn unavailable_is_retried_across_a_server_restart_mid_upload() {
 }
 
 #[test]
-fn a_download_continues_across_a_server_restart() {
+fn a_call_made_while_the_server_is_down_succeeds_once_it_is_back() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let port = {
