@@ -623,7 +623,10 @@ async fn dispatch(command: Command, client: &Client, settings: &config::Settings
                 b.finish_and_clear();
             }
             let d = r?;
-            ui.note(&format!("{} bytes, blake3 {}", d.bytes, d.hash));
+            ui.note(&format!(
+                "{} bytes, blake3 {}, {} reconnection(s)",
+                d.bytes, d.hash, d.reconnects
+            ));
             Ok(0)
         }
         Command::Ls { prefix, json, limit } => {

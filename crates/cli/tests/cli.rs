@@ -651,3 +651,65 @@ impl Server {
         Server::start_full(dir, "127.0.0.1:0", extra)
     }
 }
+
+#[test]
+fn a_download_continues_from_where_it_was_across_a_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut s = Server::start_at(&dir, &addr);
+    let file = tmp.path().join("f.bin");
+    let content = data(4, 32 * 1024 * 1024);
+    std::fs::write(&file, &content).unwrap();
+    ok(s.pvault(), &["put", file.to_str().unwrap(), "dl"]);
+    // The test reads stdout slowly, so the download is held back by flow control.
+    let mut child = s
+        .pvault()
+        .args(["get", "dl", "-", "--retries", "30", "-v"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (etx, erx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = etx.send(l);
+        }
+    });
+    let mut first = vec![0u8; 1024 * 1024];
+    out.read_exact(&mut first).unwrap();
+    s.kill();
+    let reader = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        out.read_to_end(&mut rest).unwrap();
+        rest
+    });
+    let mut seen = Vec::new();
+    wait_line(&erx, &mut seen, |l| l.contains("retry"));
+    let _s = Server::start_at(&dir, &addr);
+    let status = wait_exit(&mut child);
+    let mut got = first;
+    got.extend(reader.join().unwrap());
+    assert!(status.success(), "{}", seen.join("\n"));
+    assert_eq!(got.len(), content.len());
+    assert!(got == content, "content differs after the resumed download");
+    // The broken DownloadFile stream was continued (by range), not started over.
+    assert!(
+        seen.iter().any(|l| l.starts_with("pvault: DownloadFile:")),
+        "{}",
+        seen.join("\n")
+    );
+    let rest: Vec<String> = erx.try_iter().collect();
+    let summary = rest
+        .iter()
+        .find(|l| l.contains("reconnection(s)"))
+        .expect("summary line");
+    assert!(!summary.ends_with(" 0 reconnection(s)"), "{summary}");
+}
