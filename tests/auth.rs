@@ -227,14 +227,18 @@ async fn bad_credentials_get_their_status_and_change_nothing() {
         let ch = with_header(&node, h, v.clone()).await;
         let r = put(ch, &admin, "keep").await;
         let st = r.expect_err("bad credential accepted");
-        assert!(
-            matches!(
-                st.code(),
-                Code::Unauthenticated | Code::Internal | Code::Unavailable | Code::Unknown
-            ),
-            "{h}: {} -> {st:?}",
-            &v[..v.len().min(40)]
-        );
+        if v.len() > 16_000 {
+            // A header beyond HTTP/2's header-list limit may be refused by the transport itself.
+            assert!(
+                matches!(
+                    st.code(),
+                    Code::Unauthenticated | Code::Internal | Code::Unavailable | Code::Unknown
+                ),
+                "huge header -> {st:?}"
+            );
+        } else {
+            assert_eq!(st.code(), Code::Unauthenticated, "{h}: {v} -> {st:?}");
+        }
         if st.code() == Code::Unauthenticated {
             assert!(!st.message().contains("dXNlcjpwYXNz"));
         }
