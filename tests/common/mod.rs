@@ -60,92 +60,9 @@ impl NodeBuilder {
         self
     }
 
-    /// Spawns the process and waits for its "peervault ready" log line.
-    // The child is waited for by `Node::drop`, or right before the panic below.
-    #[allow(clippy::zombie_processes)]
+    /// Spawns the process on free ports and waits for its "peervault ready" log line.
     pub fn start(self) -> Node {
-        let (tmp, dir) = match self.data_dir {
-            Some(d) => (None, d),
-            None => {
-                let t = tempfile::tempdir().expect("tempdir");
-                let d = t.path().join("data");
-                (Some(t), d)
-            }
-        };
-        let mut cmd = Command::new(peervault_bin());
-        cmd.arg("serve")
-            .arg(&self.role)
-            .arg("--data-dir")
-            .arg(&dir)
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--log-format", "json"])
-            .args(&self.args)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &self.envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn peervault");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        let err = child.stderr.take().expect("stderr");
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx2.send(format!("stderr: {line}")).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                        && v["message"] == "peervault ready"
-                    {
-                        let grpc = v["grpc_addr"].as_str().unwrap().parse().unwrap();
-                        let admin = v["admin_addr"].as_str().unwrap().parse().unwrap();
-                        return Node {
-                            child,
-                            grpc,
-                            admin,
-                            data_dir: dir,
-                            lines: rx,
-                            _tmp: tmp,
-                        };
-                    }
-                    seen.push(line);
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "peervault serve {} did not become ready; output:\n{}",
-                        self.role,
-                        seen.join("\n")
-                    );
-                }
-            }
-        }
+        self.start_listening("127.0.0.1:0", "127.0.0.1:0").0
     }
 }
 
