@@ -148,7 +148,14 @@ impl ManualStore for FileStore {
 /// Key of the peer list inside the ConfigMap.
 pub const CONFIGMAP_KEY: &str = "peers.json";
 /// Read-modify-write attempts before a conflict is reported.
-const CONFLICT_RETRIES: usize = 8;
+const CONFLICT_RETRIES: usize = 16;
+
+/// Wait before retry `attempt` after a conflict: exponential from 5 ms, capped at 320 ms, with
+/// full jitter so that writers that collided once do not collide again in lockstep.
+fn conflict_backoff(attempt: usize) -> std::time::Duration {
+    let cap = 5u64 << attempt.min(6);
+    std::time::Duration::from_millis(fastrand::u64(1..=cap))
+}
 
 /// A ConfigMap the peer service owns, written with optimistic concurrency: each update replaces
 /// the object at the resourceVersion it read, and a concurrent writer's change (409 Conflict, or
@@ -236,7 +243,7 @@ impl ManualStore for ConfigMapStore {
                     Ok(_) => return Ok(next),
                     Err(kube::Error::Api(st)) if st.is_conflict() || st.is_already_exists() => {
                         tracing::debug!(store = %self.describe(), attempt, "concurrent write; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(10 * (attempt as u64 + 1))).await;
+                        tokio::time::sleep(conflict_backoff(attempt)).await;
                     }
                     Err(e) => return Err(self.err(e)),
                 }
