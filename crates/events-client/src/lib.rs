@@ -382,14 +382,7 @@ impl EventBuilder {
     }
 }
 
-/// The current time as a protobuf timestamp.
-pub fn now_timestamp() -> prost_types::Timestamp {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
+pub use peervault_runtime::time::now_timestamp;
 
 /// Publishes this process's system, storage, network and performance metrics events every
 /// `--metrics-interval` (nothing when it is 0) until the process drains.

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod server;
 pub mod system;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
 
 pub use config::ServeConfig;

@@ -7,14 +7,14 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use peervault_proto::v1::{HealthResponse, MetricsResponse, SystemInfoResponse, system_service_server::SystemService};
 use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, time::timestamp};
 
 /// Storage and membership figures a service contributes to SystemService answers.
 pub trait SystemStats: Send + Sync + 'static {
@@ -50,14 +50,6 @@ struct Inner {
     health: HealthReporter,
     ready: Arc<AtomicBool>,
     stats: RwLock<Vec<Arc<dyn SystemStats>>>,
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
 }
 
 fn clamp_i32(v: u64) -> i32 {

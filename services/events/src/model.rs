@@ -2,10 +2,7 @@
 //! `data` object of the WebSocket API and the typed gRPC payloads, and the JSON rendering of an
 //! event for WebSocket clients.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, time::SystemTime};
 
 use peervault_proto::v1::{Alert, Event, FileOperationEvent, PeerEvent, SystemEvent, event::Payload};
 use serde_json::{Map, Value};
@@ -17,22 +14,7 @@ pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// A protobuf timestamp in RFC 3339 with milliseconds.
-pub fn rfc3339(ts: &prost_types::Timestamp) -> String {
-    let t = UNIX_EPOCH
-        + Duration::from_secs(ts.seconds.max(0) as u64)
-        + Duration::from_nanos(ts.nanos.clamp(0, 999_999_999) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// Now as a protobuf timestamp.
-pub fn now_timestamp() -> prost_types::Timestamp {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
+pub use peervault_runtime::time::{now_timestamp, rfc3339};
 
 /// The published short form of a file event type (`file_uploaded` → `upload`).
 pub fn file_short(kind: &str) -> &'static str {

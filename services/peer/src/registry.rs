@@ -137,14 +137,7 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Converts a time to a protobuf timestamp.
-pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
+pub use peervault_runtime::time::timestamp;
 
 /// A member without its last_seen, for deciding whether it changed.
 fn same_member(a: &Member, b: &Member) -> bool {

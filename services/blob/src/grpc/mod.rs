@@ -71,8 +71,8 @@ impl BlobApi {
     }
 
     fn publish_file_event(&self, kind: &str, short: &str, f: &FileRec) {
-        let ts = peervault_events_client::now_timestamp();
-        let when = rfc3339(ts.seconds, ts.nanos);
+        let ts = peervault_runtime::time::now_timestamp();
+        let when = peervault_runtime::time::rfc3339(&ts);
         let mut data = serde_json::json!({
             "key": f.key,
             "node": self.node_id,
@@ -202,36 +202,7 @@ pub fn check_unlimited(limit: Option<&str>) -> Result<(), tonic::Status> {
     }
 }
 
-/// A protobuf timestamp from nanoseconds since the epoch.
-pub fn timestamp(ns: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ns.div_euclid(1_000_000_000),
-        nanos: ns.rem_euclid(1_000_000_000) as i32,
-    }
-}
-
-/// RFC 3339 UTC time for JSON payloads.
-pub fn rfc3339(seconds: i64, nanos: i32) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm): no date crate needed for one format.
-    let days = seconds.div_euclid(86_400);
-    let secs = seconds.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        secs / 3600,
-        (secs % 3600) / 60,
-        secs % 60,
-        nanos / 1_000_000
-    )
-}
+pub use peervault_runtime::time::timestamp_from_ns as timestamp;
 
 /// Runs garbage collection every `--gc-interval` (and removes orphaned chunk files at start-up
 /// and every tenth pass) until shutdown.
@@ -260,14 +231,4 @@ pub fn spawn_gc(ctx: ServiceContext, store: Store) {
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(super::rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(super::rfc3339(1_704_067_200, 5_000_000), "2024-01-01T00:00:00.005Z");
-        assert_eq!(super::rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000Z");
-    }
 }
