@@ -413,6 +413,14 @@ struct FrameCounter {
 }
 
 impl FrameCounter {
+    /// Feeds a chunk and adds the messages that began in it to `counter`.
+    fn count(&mut self, data: &[u8], counter: &IntCounter) {
+        let n = self.feed(data);
+        if n > 0 {
+            counter.inc_by(n);
+        }
+    }
+
     /// Feeds a chunk; returns how many messages began in it.
     fn feed(&mut self, mut data: &[u8]) -> u64 {
         let mut started = 0;
@@ -461,10 +469,7 @@ where
         if let Poll::Ready(Some(Ok(frame))) = &res
             && let Some(data) = frame.data_ref()
         {
-            let n = this.frames.feed(data.chunk());
-            if n > 0 {
-                this.counter.inc_by(n);
-            }
+            this.frames.count(data.chunk(), this.counter);
         }
         res
     }
@@ -558,10 +563,7 @@ where
         match &res {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let n = this.frames.feed(data.chunk());
-                    if n > 0 {
-                        this.sent.inc_by(n);
-                    }
+                    this.frames.count(data.chunk(), this.sent);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     if let Some(code) = trailers.get("grpc-status").and_then(|v| v.to_str().ok()) {
                         this.recorder.code = Some(code.to_string());

@@ -202,8 +202,10 @@ pub struct Runtime {
     started: Instant,
 }
 
-async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| {
+/// Binds `addr` for `flag` and returns the listener with the address actually bound (port 0
+/// picks a free one).
+async fn bind(flag: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source: io::Error| {
         let hint = match source.kind() {
             io::ErrorKind::AddrInUse => {
                 " (another process uses this port: stop it or choose another port; port 0 picks a free one)"
@@ -220,7 +222,10 @@ async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
             source,
             hint,
         }
-    })
+    };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 impl Runtime {
@@ -268,20 +273,8 @@ impl Runtime {
             Some(f) => Some(ReloadableServerConfig::load(f.clone(), config.tls_client_auth)?),
             None => None,
         };
-        let grpc_listener = bind("--grpc-listen", config.grpc_listen).await?;
-        let admin_listener = bind("--admin-listen", config.admin_listen).await?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind {
-            flag: "--grpc-listen",
-            addr: config.grpc_listen,
-            source,
-            hint: "",
-        })?;
-        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-            flag: "--admin-listen",
-            addr: config.admin_listen,
-            source,
-            hint: "",
-        })?;
+        let (grpc_listener, grpc_addr) = bind("--grpc-listen", config.grpc_listen).await?;
+        let (admin_listener, admin_addr) = bind("--admin-listen", config.admin_listen).await?;
         let ready = Arc::new(AtomicBool::new(false));
         let (health, _) = tonic_health::server::health_reporter();
         // The overall status starts NOT_SERVING; it flips once every service is registered.
