@@ -13,6 +13,8 @@ use std::{
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+pub mod ws;
+
 /// The server binary built for these tests.
 pub fn peervault_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_peervault"))
