@@ -96,7 +96,7 @@ async fn ws_send(ws: &mut Ws, v: Value) {
 
 /// Connects, checks the welcome message and subscribes to `topic`.
 async fn ws_subscribed(http: &WsTarget, topic: &str) -> Ws {
-    let mut ws = ws_connect(&http).await;
+    let mut ws = ws_connect(http).await;
     let hello = ws_next(&mut ws).await;
     assert_eq!(hello["type"], "connected", "{hello}");
     assert!(hello["clientId"].is_string());

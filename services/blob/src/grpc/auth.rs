@@ -33,8 +33,11 @@ use crate::{
 /// [`SNAPSHOT_AGE`] old (many streams share one read).
 pub struct KeyVerifier {
     store: Store,
-    snapshot: Mutex<Option<(Instant, Arc<HashMap<String, (bool, i64)>>)>>,
+    snapshot: Mutex<Option<(Instant, Arc<KeyStates>)>>,
 }
+
+/// Each key's (revoked, expiry in ns since the epoch) by id.
+type KeyStates = HashMap<String, (bool, i64)>;
 
 /// How old the key-table snapshot that open streams are checked against may be.
 const SNAPSHOT_AGE: Duration = Duration::from_millis(500);
@@ -48,7 +51,7 @@ impl KeyVerifier {
         }
     }
 
-    fn snapshot(&self) -> Result<Arc<HashMap<String, (bool, i64)>>, Refusal> {
+    fn snapshot(&self) -> Result<Arc<KeyStates>, Refusal> {
         let mut g = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, snap)) = g.as_ref()
             && at.elapsed() < SNAPSHOT_AGE
@@ -65,7 +68,7 @@ impl KeyVerifier {
         let snap = Arc::new(
             keys.into_iter()
                 .map(|k| (k.id, (k.revoked, k.expires_ns)))
-                .collect::<HashMap<_, _>>(),
+                .collect::<KeyStates>(),
         );
         *g = Some((Instant::now(), snap.clone()));
         Ok(snap)
