@@ -263,11 +263,7 @@ async fn a_prefix_limited_key_sees_only_its_events_through_the_facade_and_the_we
         .await
         .unwrap()
         .into_inner();
-    // ... and over the WebSocket gateway, with the key as token.
-    let mut ws = wss_connect(&http, &Cred::Query(key.clone()), None).await.unwrap();
-    ws_next(&mut ws).await;
-    assert_eq!(ws_subscribe(&mut ws, "file_operations").await["type"], "subscribed");
-    // Another team's upload first, then ours: the first event either sees must be ours.
+    // Another team's upload first, then ours: the first event the facade relays must be ours.
     put(admin.clone(), "team-b/secret").await;
     put(admin.clone(), "team-a/report").await;
     let e = tokio::time::timeout(WAIT, facade.message())
@@ -275,8 +271,14 @@ async fn a_prefix_limited_key_sees_only_its_events_through_the_facade_and_the_we
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(e.file_key, "team-a/report");
-    assert_eq!(ws_next_file_key(&mut ws).await, "team-a/report");
+    assert_eq!(e.file_key, "team-a/report", "the facade leaked another prefix's event");
+    // ... and over the WebSocket gateway, with the key as token.
+    let mut ws = wss_connect(&http, &Cred::Query(key.clone()), None).await.unwrap();
+    ws_next(&mut ws).await;
+    assert_eq!(ws_subscribe(&mut ws, "file_operations").await["type"], "subscribed");
+    put(admin.clone(), "team-b/secret2").await;
+    put(admin.clone(), "team-a/report2").await;
+    assert_eq!(ws_next_file_key(&mut ws).await, "team-a/report2");
     // The same key is refused the content-addressed blob API by the auth layer.
     let st = peervault_proto::v1::blob_service_client::BlobServiceClient::new(bearer(&node, &key).await)
         .list_blobs(peervault_proto::v1::ListBlobsRequest::default())
