@@ -453,12 +453,18 @@ fn a_jwks_without_an_audience_does_not_start_unless_any_audience_is_asked_for() 
         err.contains("--jwt-audience") && err.contains("--jwt-allow-any-audience"),
         "{err}"
     );
-    let node = NodeBuilder::new("events")
+    let (node, logs) = NodeBuilder::new("events")
         .data_dir(&tmp.path().join("d2"))
         .arg("--jwt-jwks-file")
         .arg(jwks.to_str().unwrap())
         .arg("--jwt-allow-any-audience")
-        .start();
+        .start_listening("127.0.0.1:0", "127.0.0.1:0");
+    let skipped: Vec<_> = logs
+        .iter()
+        .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("JWKS key skipped")))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{logs:?}");
+    assert_eq!(skipped[0]["kty"], "PQC", "{:?}", skipped[0]);
     drop(node);
 }
 
