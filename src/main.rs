@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod certs;
+mod metric_names;
 use peervault_runtime::{Runtime, ServeConfig, Services};
 
 #[derive(Parser)]
@@ -35,6 +36,15 @@ enum Command {
     /// Certificates for deployments (the Helm chart's init container).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Facts about the metrics this binary exports.
+    #[command(subcommand)]
+    Metrics(MetricsCommand),
+}
+
+#[derive(Subcommand)]
+enum MetricsCommand {
+    /// Print every metric name, one a line (the list dashboards and alert rules are checked against).
+    Names,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +80,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (role, config, blob) = match cli.command {
         Command::Serve { role, config, blob } => (role, config, blob),
+        Command::Metrics(MetricsCommand::Names) => {
+            for name in metric_names::all() {
+                println!("{name}");
+            }
+            return ExitCode::SUCCESS;
+        }
         Command::Certs(CertsCommand::Issue(args)) => {
             return match certs::issue(&args) {
                 Ok(()) => ExitCode::SUCCESS,

