@@ -5,6 +5,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod certs;
+mod metric_names;
 use peervault_runtime::{Runtime, ServeConfig, Services};
 
 #[derive(Parser)]
@@ -30,6 +33,24 @@ enum Command {
         #[command(flatten)]
         blob: peervault_blob::BlobConfig,
     },
+    /// Certificates for deployments (the Helm chart's init container).
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Facts about the metrics this binary exports.
+    #[command(subcommand)]
+    Metrics(MetricsCommand),
+}
+
+#[derive(Subcommand)]
+enum MetricsCommand {
+    /// Print every metric name, one a line (the list dashboards and alert rules are checked against).
+    Names,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Issue a service certificate (URI SAN identities, DNS names, IPs) signed by a CA.
+    Issue(certs::IssueArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,7 +78,24 @@ impl Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve { role, config, blob } = cli.command;
+    let (role, config, blob) = match cli.command {
+        Command::Serve { role, config, blob } => (role, config, blob),
+        Command::Metrics(MetricsCommand::Names) => {
+            for name in metric_names::all() {
+                println!("{name}");
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Certs(CertsCommand::Issue(args)) => {
+            return match certs::issue(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("peervault certs issue: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
