@@ -12,7 +12,7 @@ use prost::Message;
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use super::records::{BlobRec, ChunkRec, FileRec, Tombstone, UploadRec};
+use super::records::{BlobRec, ChunkRec, FileRec, Tombstone, UploadRec, decode};
 use crate::error::{BlobError, Result};
 
 pub(crate) const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
@@ -149,10 +149,6 @@ type Answer = (oneshot::Sender<Result<Reply>>, Result<Reply>);
 pub(crate) struct Job {
     pub op: Op,
     pub reply: oneshot::Sender<Result<Reply>>,
-}
-
-fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M> {
-    M::decode(bytes).map_err(|e| BlobError::Corrupt(format!("{what}: {e}")))
 }
 
 fn meta_add(txn: &WriteTransaction, name: &str, delta: i64) -> Result<()> {

@@ -3,6 +3,13 @@
 
 use std::collections::HashMap;
 
+use crate::error::{BlobError, Result};
+
+/// Decodes a stored record; a record that does not decode is a corrupt index (`what` names it).
+pub(crate) fn decode<M: prost::Message + Default>(what: &str, bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(|e| BlobError::Corrupt(format!("{what}: {e}")))
+}
+
 /// A file: a user key pointing at a blob, plus its descriptive fields.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct FileRec {

@@ -6,6 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use proptest::prelude::*;
 
 use super::*;
+use crate::store::records::FileRec;
 
 const CHUNK: u32 = 64 * 1024;
 
