@@ -28,10 +28,12 @@ enum Command {
         /// Which services this process runs.
         #[arg(value_enum)]
         role: Role,
+        // Boxed: the flag sets are large and the other commands are tiny (clippy's
+        // large_enum_variant).
         #[command(flatten)]
-        config: ServeConfig,
+        config: Box<ServeConfig>,
         #[command(flatten)]
-        blob: peervault_blob::BlobConfig,
+        blob: Box<peervault_blob::BlobConfig>,
     },
     /// Certificates for deployments (the Helm chart's init container).
     #[command(subcommand)]
@@ -79,7 +81,7 @@ impl Role {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (role, config, blob) = match cli.command {
-        Command::Serve { role, config, blob } => (role, config, blob),
+        Command::Serve { role, config, blob } => (role, *config, *blob),
         Command::Metrics(MetricsCommand::Names) => {
             for name in metric_names::all() {
                 println!("{name}");
