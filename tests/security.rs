@@ -917,3 +917,101 @@ async fn an_oversized_types_list_is_refused_while_publishing_continues() {
     assert!(st.message().contains("topics"), "{}", st.message());
     node.wait_metric("peervault_events_rejected_total", &["filter_too_long"], |v| v >= 6.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_events_verifies_api_keys_through_blob_and_honours_their_revocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = NodeBuilder::new("blob")
+        .data_dir(&tmp.path().join("blob"))
+        .args(&["--tls-client-auth", "optional", "--metrics-interval", "0s"])
+        .start();
+    // The events pod shares the blob pod's certificates, as pods of one cluster do.
+    let tls = tmp.path().join("events").join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    for f in ["ca.crt", "server.crt", "server.key", "client.crt", "client.key"] {
+        std::fs::copy(blob.tls_dir().join(f), tls.join(f)).unwrap();
+    }
+    let blob_ep = blob.grpc.to_string();
+    let (events, http) = NodeBuilder::new("events")
+        .data_dir(&tmp.path().join("events"))
+        .args(&[
+            "--tls-client-auth",
+            "optional",
+            "--auth-endpoint",
+            &blob_ep,
+            "--auth-cache-ttl",
+            "1s",
+            "--metrics-interval",
+            "0s",
+        ])
+        .start_events_ws();
+    let admin = blob.channel().await;
+    let (id, key) = create_key(admin.clone(), "dashboard", &["read"], "").await.unwrap();
+    // The key works on the events pod, over gRPC and WebSocket; a wrong one does not.
+    let mut sub = EventServiceClient::new(bearer(&events, &key).await)
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ws = wss_connect(&http, &Cred::Query(key.clone()), None).await.unwrap();
+    assert_eq!(ws_next(&mut ws).await["data"]["authRequired"], false);
+    let st = EventServiceClient::new(bearer(&events, "pvk_wrong").await)
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+    EventServiceClient::new(events.service_channel().await)
+        .publish(PublishRequest {
+            events: vec![Event {
+                id: "hello".into(),
+                topic: "alerts".into(),
+                r#type: "security_alert".into(),
+                source: "test".into(),
+                data_json: "{}".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(WAIT, sub.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.id, "hello");
+    // Revoked on blob: the events pod's open streams end and new calls are refused within the
+    // cache TTL (1 s here) and the re-check interval.
+    AuthServiceClient::new(admin)
+        .revoke_api_key(RevokeApiKeyRequest { id })
+        .await
+        .unwrap();
+    let revoked = Instant::now();
+    let mut code = Code::Ok;
+    while code == Code::Ok {
+        code = end_code(tokio::time::timeout(WAIT, sub.message()).await.unwrap());
+    }
+    assert_eq!(code, Code::Unauthenticated);
+    loop {
+        let m = ws_next(&mut ws).await;
+        if m.get("closed").is_some() {
+            assert_eq!(m["closed"], 1008, "{m}");
+            break;
+        }
+    }
+    assert!(revoked.elapsed() < Duration::from_secs(6), "{:?}", revoked.elapsed());
+    let st = EventServiceClient::new(bearer(&events, &key).await)
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+    assert!(st.message().contains("revoked"), "{}", st.message());
+    // VerifyApiKey is internal: a client certificate may not call it.
+    let st = AuthServiceClient::new(blob.channel().await)
+        .verify_api_key(peervault_proto::v1::VerifyApiKeyRequest {
+            secret: key,
+            id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+}

@@ -104,6 +104,17 @@ pub struct ServeConfig {
     #[arg(long, env = "PEERVAULT_JWT_ALLOW_ANY_AUDIENCE", default_value_t = false)]
     pub jwt_allow_any_audience: bool,
 
+    /// gRPC address of a blob node (`HOST:PORT`, e.g. the blob client Service) that verifies API
+    /// keys for a process without a key store (`serve peer`, `serve events`). Blob nodes use
+    /// their own.
+    #[arg(long, env = "PEERVAULT_AUTH_ENDPOINT", value_name = "HOST:PORT")]
+    pub auth_endpoint: Option<String>,
+
+    /// How long an API key verified through `--auth-endpoint` is trusted before it is asked
+    /// about again (revocation takes effect within this time).
+    #[arg(long, env = "PEERVAULT_AUTH_CACHE_TTL", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub auth_cache_ttl: Duration,
+
     /// YAML file mapping certificate SANs and JWT subjects to scopes (`read`, `write`, `admin`).
     #[arg(long, env = "PEERVAULT_AUTH_CONFIG", value_name = "FILE")]
     pub auth_config: Option<PathBuf>,

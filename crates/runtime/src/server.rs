@@ -323,6 +323,14 @@ impl Runtime {
             health.clone(),
             ready.clone(),
         );
+        if let Some(ep) = &config.auth_endpoint {
+            // A blob node answers for API keys here; `serve blob`/`all` install their own store
+            // over this.
+            let ch = service_channel("--auth-endpoint", ep, tls.as_ref(), Duration::from_secs(5))?;
+            let remote = crate::auth::remote::RemoteKeys::new(ch, config.auth_cache_ttl);
+            authorizer.set_api_key_verifier(Arc::new(crate::auth::remote::CachedRemoteKeys(remote)));
+            tracing::info!(endpoint = %ep, ttl_secs = config.auth_cache_ttl.as_secs_f64(), "API keys are verified by the blob node at --auth-endpoint");
+        }
         let ctx = ServiceContext {
             metrics,
             config: Arc::new(config),

@@ -47,12 +47,16 @@ fn caller(name: &str) -> peervault_runtime::Caller {
 }
 
 impl TokenValidator for OneToken {
-    fn validate(&self, token: &str) -> Result<peervault_runtime::Caller, String> {
-        match token {
+    fn validate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<peervault_runtime::Caller, String>> {
+        let r = match token {
             "good-token" => Ok(caller("dashboard")),
             "revocable" if !self.revoked.load(Ordering::SeqCst) => Ok(caller("revocable")),
             _ => Err("unknown token".into()),
-        }
+        };
+        Box::pin(std::future::ready(r))
     }
 
     fn revalidate(&self, c: &peervault_runtime::Caller) -> Result<(), String> {

@@ -66,6 +66,7 @@ pub const CONFINEMENT_TABLE: &[(&str, Confinement)] = &[
     ("/peervault.v1.AuthService/CreateApiKey", Keyed),
     ("/peervault.v1.AuthService/ListApiKeys", None),
     ("/peervault.v1.AuthService/RevokeApiKey", None),
+    ("/peervault.v1.AuthService/VerifyApiKey", None),
     ("/peervault.v1.PeerVaultService/UploadFile", Keyed),
     ("/peervault.v1.PeerVaultService/DownloadFile", Keyed),
     ("/peervault.v1.PeerVaultService/ListFiles", Keyed),

@@ -6,6 +6,7 @@
 pub mod confine;
 pub mod forward;
 pub mod jwt;
+pub mod remote;
 pub mod scopes;
 
 use std::{
@@ -97,6 +98,7 @@ pub const ACCESS_TABLE: &[(&str, Access)] = &[
     ("/peervault.v1.AuthService/CreateApiKey", Needs(Admin)),
     ("/peervault.v1.AuthService/ListApiKeys", Needs(Admin)),
     ("/peervault.v1.AuthService/RevokeApiKey", Needs(Admin)),
+    ("/peervault.v1.AuthService/VerifyApiKey", Internal),
     ("/peervault.v1.PeerVaultService/UploadFile", Needs(Write)),
     ("/peervault.v1.PeerVaultService/DownloadFile", Needs(Read)),
     ("/peervault.v1.PeerVaultService/ListFiles", Needs(Read)),
@@ -221,6 +223,11 @@ pub trait ApiKeyVerifier: Send + Sync + 'static {
     /// Whether the key with this id is still live (not revoked, not expired); long-lived streams
     /// opened with it are ended when it is not.
     fn check_id(&self, id: &str) -> Result<(), Refusal>;
+
+    /// The blob node this verifier asks, when keys are verified remotely.
+    fn remote(&self) -> Option<Arc<remote::RemoteKeys>> {
+        None
+    }
 }
 
 /// How often the credential behind a long-lived stream is checked again (revocation ends the
@@ -377,6 +384,45 @@ impl Authorizer {
             Scope::Admin => "/peervault.v1.AuthService/ListApiKeys",
         };
         self.decide(path, conn, &headers)
+    }
+
+    fn remote_keys(&self) -> Option<Arc<remote::RemoteKeys>> {
+        self.api_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|v| v.remote())
+    }
+
+    /// Fetches an API key presented in `headers` from the blob node that verifies keys, when the
+    /// last decision said it was not cached yet. Returns whether a fetch happened.
+    pub async fn fetch_presented_key(&self, headers: &http::HeaderMap, reason: &str) -> bool {
+        if reason != remote::NOT_CACHED {
+            return false;
+        }
+        let (Some(remote), Ok(Some(Credential::ApiKey(secret)))) = (self.remote_keys(), credential(headers)) else {
+            return false;
+        };
+        let _ = remote.fetch(&secret).await;
+        true
+    }
+
+    /// As [`Authorizer::authenticate_token`], fetching an API key from the blob node first when
+    /// this process verifies keys remotely.
+    pub async fn authenticate_token_remote(&self, token: &str, needed: Scope) -> Result<Caller, Refusal> {
+        match self.authenticate_token_as(token, Identity::Anonymous, needed) {
+            Err((_, reason)) if reason == remote::NOT_CACHED => {
+                if let Some(remote) = self.remote_keys() {
+                    let _ = remote.fetch(token.trim()).await;
+                }
+                self.authenticate_token(token, needed)
+            }
+            Err((st, reason)) => {
+                self.count_failure(reason);
+                Err((st, reason))
+            }
+            ok => ok,
+        }
     }
 
     /// Installs the API key verifier (the blob service's key store).
@@ -583,32 +629,50 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let conn = req.extensions().get::<ConnInfo>().cloned();
         let identity = self.state.authorizer.connection_identity(conn.as_ref());
         let path = req.uri().path().to_string();
-        let mut caller = match self.state.authorizer.decide(&path, identity.clone(), req.headers()) {
-            Ok(c) => c,
-            Err((status, reason)) => {
-                self.state.metrics.auth_failures.with_label_values(&[reason]).inc();
-                tracing::info!(
-                    path = %path,
-                    connection = %identity,
-                    remote = ?conn.as_ref().and_then(|c| c.remote_addr),
-                    code = ?status.code(),
-                    reason,
-                    "call refused"
-                );
-                return futures_util::future::ready(Ok(status.into_http())).boxed();
-            }
-        };
-        caller.remote_addr = conn.and_then(|c| c.remote_addr);
-        tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
-        req.extensions_mut().insert(caller);
         // Take the service that was driven to readiness and leave a fresh clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        inner.call(req).boxed()
+        let state = self.state.clone();
+        let first = state.authorizer.decide(&path, identity.clone(), req.headers());
+        let refuse = move |state: &AuthState, status: Status, reason: &'static str| {
+            state.metrics.auth_failures.with_label_values(&[reason]).inc();
+            tracing::info!(
+                path = %path,
+                connection = %identity,
+                remote = ?conn.as_ref().and_then(|c| c.remote_addr),
+                code = ?status.code(),
+                reason,
+                "call refused"
+            );
+            Ok(status.into_http())
+        };
+        let remote_addr = req.extensions().get::<ConnInfo>().and_then(|c| c.remote_addr);
+        let admit = move |mut req: Request<B>, mut caller: Caller| {
+            caller.remote_addr = remote_addr;
+            tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
+            req.extensions_mut().insert(caller);
+            req
+        };
+        match first {
+            Ok(caller) => inner.call(admit(req, caller)).boxed(),
+            // An API key this process must first ask a blob node about.
+            Err((_, reason)) if reason == remote::NOT_CACHED => async move {
+                let path = req.uri().path().to_string();
+                let conn = req.extensions().get::<ConnInfo>().cloned();
+                let identity = state.authorizer.connection_identity(conn.as_ref());
+                state.authorizer.fetch_presented_key(req.headers(), reason).await;
+                match state.authorizer.decide(&path, identity, req.headers()) {
+                    Ok(caller) => inner.call(admit(req, caller)).await,
+                    Err((status, reason)) => refuse(&state, status, reason),
+                }
+            }
+            .boxed(),
+            Err((status, reason)) => futures_util::future::ready(refuse(&state, status, reason)).boxed(),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 
 use peervault_proto::v1::{
     ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, ListApiKeysRequest, ListApiKeysResponse, RevokeApiKeyRequest,
-    RevokeApiKeyResponse, auth_service_server::AuthService, create_api_key_request::Expiry,
+    RevokeApiKeyResponse, VerifyApiKeyRequest, VerifyApiKeyResponse, auth_service_server::AuthService,
+    create_api_key_request::Expiry,
 };
 use peervault_runtime::{
     Caller,
@@ -209,6 +210,43 @@ impl AuthService for BlobApi {
         let store = self.store.clone();
         let rec = blocking(move || store.revoke_api_key(&id)).await?;
         Ok(Response::new(RevokeApiKeyResponse {
+            key: Some(to_proto(&rec)),
+        }))
+    }
+
+    async fn verify_api_key(
+        &self,
+        req: Request<VerifyApiKeyRequest>,
+    ) -> Result<Response<VerifyApiKeyResponse>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let unauth = |m: &str| Status::unauthenticated(m.to_string());
+        let rec = if !r.secret.is_empty() {
+            match blocking(move || store.verify_api_key(&r.secret)).await? {
+                Ok(rec) => rec,
+                Err(KeyRefusal::Unknown) => return Err(unauth("unknown API key")),
+                Err(KeyRefusal::Revoked) => return Err(unauth("this API key has been revoked")),
+                Err(KeyRefusal::Expired) => return Err(unauth("this API key has expired")),
+            }
+        } else if !r.id.is_empty() {
+            let id = r.id;
+            let keys = blocking(move || store.list_api_keys(true)).await?;
+            let Some(rec) = keys.into_iter().find(|k| k.id == id) else {
+                return Err(unauth("unknown API key"));
+            };
+            if rec.revoked {
+                return Err(unauth("this API key has been revoked"));
+            }
+            if rec.expires_ns > 0 && rec.expires_ns <= now_ns() {
+                return Err(unauth("this API key has expired"));
+            }
+            rec
+        } else {
+            return Err(Status::invalid_argument(
+                "give the secret or the id of the key to verify",
+            ));
+        };
+        Ok(Response::new(VerifyApiKeyResponse {
             key: Some(to_proto(&rec)),
         }))
     }

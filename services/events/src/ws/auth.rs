@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+
 use peervault_runtime::{
     Caller,
     auth::{Authorizer, Scope},
@@ -17,10 +19,13 @@ use super::TokenValidator;
 pub struct RuntimeAuth(pub Arc<Authorizer>);
 
 impl TokenValidator for RuntimeAuth {
-    fn validate(&self, token: &str) -> Result<Caller, String> {
-        self.0
-            .authenticate_token(token, Scope::Read)
-            .map_err(|(st, _)| st.message().to_string())
+    fn validate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, String>> {
+        Box::pin(async move {
+            self.0
+                .authenticate_token_remote(token, Scope::Read)
+                .await
+                .map_err(|(st, _)| st.message().to_string())
+        })
     }
 
     fn certificate(&self, conn: &ConnInfo) -> Option<Result<Caller, String>> {

@@ -57,8 +57,9 @@ use protocol::ClientMessage;
 /// Authenticates WebSocket clients. The binary plugs in the runtime's authorizer
 /// ([`auth::RuntimeAuth`]: the same API keys, JWTs and certificates as gRPC).
 pub trait TokenValidator: Send + Sync + 'static {
-    /// The caller a token stands for (its key prefix included), or why it is refused.
-    fn validate(&self, token: &str) -> Result<Caller, String>;
+    /// The caller a token stands for (its key prefix included), or why it is refused. Async: the
+    /// key may have to be verified by a blob node.
+    fn validate<'a>(&'a self, token: &'a str) -> futures_util::future::BoxFuture<'a, Result<Caller, String>>;
 
     /// The caller a connection's verified client certificate stands for; `None` when the
     /// connection presented none.
@@ -351,7 +352,7 @@ async fn upgrade(
         Ok(slot) => {
             let token = query.get("token").cloned().or_else(|| bearer(&headers));
             let who = match token {
-                Some(t) => st.validator.validate(&t).map(Some),
+                Some(t) => st.validator.validate(&t).await.map(Some),
                 None => st.validator.certificate(&conn).transpose(),
             };
             match who {
@@ -630,7 +631,7 @@ impl Connection {
                 let text = protocol::confirm(kind, t, &self.client_id, &self.topic_names());
                 self.send(socket, text.into()).await
             }
-            ClientMessage::Auth(token) => match self.st.validator.validate(&token) {
+            ClientMessage::Auth(token) => match self.st.validator.validate(&token).await {
                 Ok(caller) => {
                     tracing::debug!(remote = %self.remote, identity = %caller.identity, "WebSocket client authenticated");
                     let prefix = caller.key_prefix.clone();
