@@ -36,7 +36,8 @@ mod tests {
                 "{name}: domain metrics are peervault_*"
             );
             assert!(
-                name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
                 "{name}: not a Prometheus snake_case name"
             );
         }
