@@ -397,3 +397,12 @@ def test_notes_tell_how_to_connect(mode, tmp_path):
         assert want in notes, f"{want!r} missing from NOTES:\n{notes}"
     key = "client" if mode == "generated" else "tls"
     assert f"jsonpath={{.data.{key}\\.key}}" in notes, notes
+
+
+def test_k8s_kustomization_builds_with_kubectl():
+    res = run([tool("kubectl"), "kustomize", str(ROOT / "k8s")])
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    assert len(objs) == len(normalise(render()))
+    for o in objs:
+        assert o["metadata"]["namespace"] == "peervault", (o["kind"], o["metadata"]["name"])
