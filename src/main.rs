@@ -124,7 +124,7 @@ async fn run(role: Role, config: ServeConfig, blob: peervault_blob::BlobConfig) 
     match role {
         Role::All => {
             // Events first: blob and peer of this process publish to it.
-            services.extend(peervault_events::start(&ctx, ws_tokens(&ctx)).await?.services);
+            services.extend(peervault_events::start(&ctx).await?.services);
             let upstreams = peervault_blob::Upstreams::from_context(&ctx, true, true);
             // The peer service with a membership of this process itself (unless --peers says
             // otherwise), and the blob side subscribed to it.
@@ -145,7 +145,7 @@ async fn run(role: Role, config: ServeConfig, blob: peervault_blob::BlobConfig) 
             services.extend(start_peer(&ctx, events, None).await?);
         }
         Role::Events => {
-            services.extend(peervault_events::start(&ctx, ws_tokens(&ctx)).await?.services);
+            services.extend(peervault_events::start(&ctx).await?.services);
         }
     }
     runtime.serve(services).await?;
@@ -191,32 +191,4 @@ fn start_membership(
             Ok(None)
         }
     }
-}
-
-/// WebSocket clients authenticated with the same API keys and JWTs as gRPC callers, when
-/// `--ws-token-auth` asks for it; refusals are counted like any other auth failure.
-struct WsTokens(peervault_runtime::ServiceContext);
-
-impl peervault_events::ws::TokenValidator for WsTokens {
-    fn validate(&self, token: &str) -> Result<String, String> {
-        match self
-            .0
-            .authorizer
-            .authenticate_token(token, peervault_runtime::auth::Scope::Read)
-        {
-            Ok(caller) => Ok(caller.identity.to_string()),
-            Err((status, reason)) => {
-                self.0.metrics.auth_failures.with_label_values(&[reason]).inc();
-                Err(status.message().to_string())
-            }
-        }
-    }
-}
-
-fn ws_tokens(
-    ctx: &peervault_runtime::ServiceContext,
-) -> Option<std::sync::Arc<dyn peervault_events::ws::TokenValidator>> {
-    ctx.config
-        .ws_token_auth
-        .then(|| std::sync::Arc::new(WsTokens(ctx.clone())) as std::sync::Arc<dyn peervault_events::ws::TokenValidator>)
 }

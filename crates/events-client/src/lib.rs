@@ -273,27 +273,9 @@ fn spawn_sender(label: String, channel: ServiceChannel, metrics: &PublisherMetri
 }
 
 /// A channel to `addr` that verifies the server certificate against `domain` (the DNS name the
-/// address came from), with the same settings as the runtime's service channels.
+/// address came from): the runtime's service channel, so rotated certificates apply.
 fn channel_to(ctx: &ServiceContext, addr: SocketAddr, domain: &str) -> Result<ServiceChannel, ClientError> {
-    use tower_layer::Layer;
-    let bad = |reason: String| ClientError::Endpoint {
-        flag: "--events-endpoint",
-        endpoint: addr.to_string(),
-        reason,
-    };
-    let scheme = if ctx.tls_files().is_some() { "https" } else { "http" };
-    let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
-    if let Some(files) = ctx.tls_files() {
-        ep = ep
-            .tls_config(peervault_runtime::tls::service_client_tls(files, domain)?)
-            .map_err(|e| bad(e.to_string()))?;
-    }
-    Ok(peervault_runtime::telemetry::ClientTraceLayer.layer(ep.connect_lazy()))
+    ctx.channel_to("--events-endpoint", addr, domain)
 }
 
 /// Resolves `host` every `--dns-interval` and keeps one queue per address it resolves to.

@@ -9,6 +9,12 @@ use peervault_runtime::{
     Caller,
     auth::{ApiKeyGrant, ApiKeyVerifier, Refusal, ScopeSet},
 };
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
 use tonic::{Request, Response, Status};
 
 use super::{BlobApi, timestamp};
@@ -22,16 +28,77 @@ use crate::{
     validate,
 };
 
-/// Checks API keys against this node's index on every call (so revocation is immediate).
-pub struct KeyVerifier(pub Store);
+/// Checks API keys against this node's index on every call (so revocation is immediate), and
+/// the keys behind open streams against a snapshot of the key table at most
+/// [`SNAPSHOT_AGE`] old (many streams share one read).
+pub struct KeyVerifier {
+    store: Store,
+    snapshot: Mutex<Option<(Instant, Arc<KeyStates>)>>,
+}
+
+/// Each key's (revoked, expiry in ns since the epoch) by id.
+type KeyStates = HashMap<String, (bool, i64)>;
+
+/// How old the key-table snapshot that open streams are checked against may be.
+const SNAPSHOT_AGE: Duration = Duration::from_millis(500);
+
+impl KeyVerifier {
+    /// A verifier over `store`'s key table.
+    pub fn new(store: Store) -> Self {
+        KeyVerifier {
+            store,
+            snapshot: Mutex::new(None),
+        }
+    }
+
+    fn snapshot(&self) -> Result<Arc<KeyStates>, Refusal> {
+        let mut g = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, snap)) = g.as_ref()
+            && at.elapsed() < SNAPSHOT_AGE
+        {
+            return Ok(snap.clone());
+        }
+        let keys = self.store.list_api_keys(true).map_err(|e| {
+            tracing::error!(error = %e, "API key table read failed");
+            (
+                Status::unavailable("cannot check the API key now; retry"),
+                "key_store_error",
+            )
+        })?;
+        let snap = Arc::new(
+            keys.into_iter()
+                .map(|k| (k.id, (k.revoked, k.expires_ns)))
+                .collect::<KeyStates>(),
+        );
+        *g = Some((Instant::now(), snap.clone()));
+        Ok(snap)
+    }
+}
+
+fn expiry(ns: i64) -> Option<SystemTime> {
+    (ns > 0).then(|| UNIX_EPOCH + Duration::from_nanos(ns as u64))
+}
 
 impl ApiKeyVerifier for KeyVerifier {
+    fn check_id(&self, id: &str) -> Result<(), Refusal> {
+        let refused = |reason: &'static str, msg: &str| (Status::unauthenticated(msg.to_string()), reason);
+        match self.snapshot()?.get(id) {
+            None => Err(refused("unknown_key", "the API key of this stream no longer exists")),
+            Some((true, _)) => Err(refused("revoked_key", "the API key of this stream has been revoked")),
+            Some((false, ns)) if *ns > 0 && *ns <= now_ns() => {
+                Err(refused("expired_key", "the API key of this stream has expired"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
     fn verify(&self, secret: &str) -> Result<ApiKeyGrant, Refusal> {
         let refused = |reason: &'static str, msg: &str| (Status::unauthenticated(msg.to_string()), reason);
-        match self.0.verify_api_key(secret) {
+        match self.store.verify_api_key(secret) {
             Ok(Ok(rec)) => Ok(ApiKeyGrant {
                 scopes: ScopeSet::parse(&rec.scopes).unwrap_or(ScopeSet::NONE),
                 key_prefix: (!rec.key_prefix.is_empty()).then(|| rec.key_prefix.clone()),
+                expires: expiry(rec.expires_ns),
                 id: rec.id,
                 name: rec.name,
             }),
@@ -76,11 +143,8 @@ impl AuthService for BlobApi {
         &self,
         req: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
-        let by = req
-            .extensions()
-            .get::<Caller>()
-            .map(|c| c.identity.to_string())
-            .unwrap_or_default();
+        let caller = req.extensions().get::<Caller>().cloned();
+        let by = caller.as_ref().map(|c| c.identity.to_string()).unwrap_or_default();
         let req = req.into_inner();
         if req.name.trim().is_empty() {
             return Err(Status::invalid_argument("give the key a name"));
@@ -90,6 +154,14 @@ impl AuthService for BlobApi {
             validate::file_key(&req.key_prefix).map_err(Status::from)?;
         }
         let scopes = check_scopes(&req.scopes).map_err(Status::from)?;
+        // A new key fits inside its creator: no scope it lacks, no prefix outside its own.
+        let Some(caller) = caller else {
+            return Err(Status::internal("no caller established for CreateApiKey"));
+        };
+        let asked = ScopeSet::parse(&scopes).map_err(Status::invalid_argument)?;
+        peervault_runtime::auth::confine::check_grant(&caller, asked, &req.key_prefix).inspect_err(|st| {
+            tracing::info!(caller = %caller.identity, error = %st.message(), "CreateApiKey refused: broader than its creator");
+        })?;
         let now = now_ns();
         let expires_ns = match req.expiry {
             None => 0,
