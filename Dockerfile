@@ -37,7 +37,7 @@ EXPOSE 8082 8083 9090
 ENTRYPOINT ["/usr/local/bin/peervault"]
 CMD ["serve", "all"]
 
-# Binaries built on the host (`cargo build --bin peervault --bin pvault`), e.g. in CI.
+# Binaries built on the host (`cargo build -p peervault -p peervault-cli --bin peervault --bin pvault`), e.g. in CI.
 FROM base AS prebuilt
 ARG BIN_DIR=target/release
 COPY ${BIN_DIR}/peervault ${BIN_DIR}/pvault /usr/local/bin/
@@ -45,7 +45,7 @@ COPY ${BIN_DIR}/peervault ${BIN_DIR}/pvault /usr/local/bin/
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin peervault --bin pvault \
+RUN cargo build --release --locked -p peervault -p peervault-cli --bin peervault --bin pvault \
  && mkdir -p /out \
  && cp target/release/peervault target/release/pvault /out/ \
  && strip /out/peervault /out/pvault

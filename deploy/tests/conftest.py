@@ -1,7 +1,7 @@
 """Shared helpers of the deploy tests (chart, dashboards, Prometheus, containers).
 
 Tools come from deploy/tests/install-tools.sh (helm, kubectl, kubernetes-validate, promtool,
-prometheus); binaries from `cargo build --bin peervault --bin pvault` (PEERVAULT_BIN_DIR,
+prometheus); binaries from `cargo build -p peervault -p peervault-cli --bin peervault --bin pvault` (PEERVAULT_BIN_DIR,
 default target/debug). A missing tool fails the test that needs it with a message naming the
 install step: nothing is skipped silently.
 """
@@ -33,7 +33,7 @@ def tool(name):
 def binary(name):
     path = BIN_DIR / name
     if not path.is_file():
-        pytest.fail(f"{path} is missing: run `cargo build --bin peervault --bin pvault` first")
+        pytest.fail(f"{path} is missing: run `cargo build -p peervault -p peervault-cli --bin peervault --bin pvault` first")
     return str(path)
 
 

@@ -375,3 +375,34 @@ def normalise(objs):
             ann["checksum/tls"] = "created-by-you"
         out.append(o)
     return out
+
+
+@pytest.mark.parametrize("mode", ["generated", "certManager"])
+def test_notes_tell_how_to_connect(mode, tmp_path):
+    """`helm template` does not render NOTES.txt: render it through a copy of the chart."""
+    import shutil
+    chart = tmp_path / "peervault"
+    shutil.copytree(CHART, chart)
+    shutil.copy(CHART / "templates" / "NOTES.txt", chart / "NOTES.copy")
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |-\n"
+        '{{ tpl (.Files.Get "NOTES.copy") . | indent 4 }}\n')
+    res = run([tool("helm"), "template", "pv", str(chart), "-n", "store", "--set", f"tls.mode={mode}",
+               "--show-only", "templates/zz-notes.yaml"])
+    assert res.returncode == 0, res.stderr
+    notes = yaml.safe_load(res.stdout)["data"]["notes"]
+    for want in ("pv-peervault-blob.store.svc:8082", "pv-peervault-events.store.svc:8082",
+                 "ws://pv-peervault-events.store.svc:8083/ws", "port-forward svc/pv-peervault-blob 8082:8082",
+                 "pvault --server pv-peervault-blob:8082 --tls-dir pv-tls", "rollout status statefulset/pv-peervault-blob"):
+        assert want in notes, f"{want!r} missing from NOTES:\n{notes}"
+    key = "client" if mode == "generated" else "tls"
+    assert f"jsonpath={{.data.{key}\\.key}}" in notes, notes
+
+
+def test_k8s_kustomization_builds_with_kubectl():
+    res = run([tool("kubectl"), "kustomize", str(ROOT / "k8s")])
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    assert len(objs) == len(normalise(render()))
+    for o in objs:
+        assert o["metadata"]["namespace"] == "peervault", (o["kind"], o["metadata"]["name"])

@@ -147,3 +147,9 @@ def test_metric_identifier_parser():
     assert metric_identifiers('histogram_quantile(0.99, sum by (le, grpc_method) (rate(x_bucket{a="b"}[$__rate_interval])))') == {"x_bucket"}
     assert metric_identifiers('count(a == 0) or (sum(b{job=~"$job"}) * 0)') == {"a", "b"}
     assert metric_identifiers("time() - max by (instance) (c)") == {"c"}
+
+
+def test_observability_doc_lists_every_metric():
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    missing = sorted(n for n in metric_names() if f"`{n}" not in doc)
+    assert not missing, f"docs/observability.md does not list: {missing}"
