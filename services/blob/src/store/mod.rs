@@ -34,6 +34,7 @@ pub use index::{ChunkMeta, MetadataPatch, NewBlob, hex};
 use index::{Counters, Job, Op, Reply};
 pub use ingest::{Durable, Finished, Ingest};
 pub use pins::{Pins, ReadPin};
+pub use read::FileQuery;
 
 use crate::{
     config::BlobConfig,
@@ -70,6 +71,8 @@ struct Inner {
     /// Bytes of uploads in flight, counted against the quota before they are committed.
     reserved: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Recent ListFiles counts and page ends.
+    list_cache: Mutex<read::ListCache>,
     /// The next chunk folder the orphan scan looks at.
     orphan_cursor: std::sync::atomic::AtomicUsize,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -208,6 +211,7 @@ impl Store {
             reserved: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
             orphan_cursor: std::sync::atomic::AtomicUsize::new(0),
+            list_cache: Mutex::new(read::ListCache::default()),
             committer: Mutex::new(None),
             #[cfg(any(test, feature = "test-hooks"))]
             hook: Mutex::new(None),
