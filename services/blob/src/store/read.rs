@@ -1,7 +1,5 @@
 //! Reads: chunks (verified against their hash) and index records.
 
-use std::fs;
-
 use bytes::Bytes;
 use redb::ReadableDatabase;
 
@@ -23,7 +21,7 @@ impl Store {
         let data = if let Some(d) = inline {
             d
         } else {
-            match fs::read(self.chunk_path(hash)) {
+            match self.inner.disk.read(&self.chunk_path(hash)) {
                 Ok(d) => Bytes::from(d),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     self.inner.metrics.integrity_failures.inc();
