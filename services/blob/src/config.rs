@@ -31,6 +31,10 @@ pub struct BlobConfig {
     /// How long an interrupted resumable upload is kept before it expires.
     #[arg(long, env = "PEERVAULT_UPLOAD_EXPIRY", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
     pub upload_expiry: Duration,
+
+    /// Replication between blob pods.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
@@ -50,6 +54,7 @@ impl Default for BlobConfig {
             gc_grace: Duration::from_secs(600),
             gc_interval: Duration::from_secs(60),
             upload_expiry: Duration::from_secs(24 * 3600),
+            cluster: Default::default(),
         }
     }
 }

@@ -118,7 +118,13 @@ pub(crate) enum Op {
         expiry_ns: i64,
         pinned: HashSet<[u8; 32]>,
     },
+    /// An operation composed elsewhere in the store (replica: apply a record if newer) from
+    /// [`apply`] and the tables, committed in the same batches as everything else.
+    Custom(CustomOp),
 }
+
+/// The body of [`Op::Custom`].
+pub(crate) type CustomOp = Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>;
 
 /// What an operation answers.
 #[derive(Debug)]
@@ -140,6 +146,8 @@ pub(crate) enum Reply {
         bytes: u64,
         expired: usize,
     },
+    /// A replicated record: whether it was applied, and the live file it replaced.
+    Applied(bool, Option<FileRec>),
     Done,
 }
 
@@ -300,8 +308,9 @@ fn release_upload(txn: &WriteTransaction, id: &str, rec: &UploadRec, now_ns: i64
 
 /// Applies one operation. Operations check before they change anything, so a refused one
 /// leaves the transaction as it was and the others in the batch still commit.
-fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
+pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
     match op {
+        Op::Custom(f) => f(txn),
         Op::PutFile { rec, blob } => {
             let old = txn
                 .open_table(FILES)?
@@ -338,6 +347,7 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             let tomb = Tombstone {
                 deleted_ns: now_ns,
                 blob_key: old.blob_key.clone(),
+                hlc: None,
             };
             txn.open_table(TOMBSTONES)?
                 .insert(key.as_str(), tomb.encode_to_vec().as_slice())?;

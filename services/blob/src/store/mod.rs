@@ -14,6 +14,7 @@ mod ops;
 mod pins;
 mod read;
 pub mod records;
+pub mod replica;
 
 use std::{
     collections::HashMap,
