@@ -35,7 +35,7 @@ pub struct Entry {
 }
 
 /// Longest wait between two attempts for one entry.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// When an entry that failed `attempts` times is tried next: 250 ms doubling to
 /// [`BACKOFF_MAX`].
@@ -121,6 +121,16 @@ impl Handoff {
     pub fn retry(&self, id: u64, mut e: Entry) -> Result<()> {
         e.attempts = e.attempts.saturating_add(1);
         e.next_ms = now_ms() + backoff(e.attempts).as_millis() as u64;
+        let txn = self.db.begin_write()?;
+        txn.open_table(QUEUE)?.insert(id, e.encode_to_vec().as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Puts an entry back untouched for `after` (its target is known to be down: that is not
+    /// an attempt). Blocking.
+    pub fn postpone(&self, id: u64, mut e: Entry, after: Duration) -> Result<()> {
+        e.next_ms = now_ms() + after.as_millis() as u64;
         let txn = self.db.begin_write()?;
         txn.open_table(QUEUE)?.insert(id, e.encode_to_vec().as_slice())?;
         txn.commit()?;

@@ -69,7 +69,11 @@ impl Cluster {
             for (id, e, r) in results {
                 let q = self.inner.handoff.clone();
                 match r {
-                    Ok(_) => {
+                    Ok(false) => {
+                        let _ =
+                            tokio::task::spawn_blocking(move || q.postpone(id, e, Duration::from_millis(500))).await;
+                    }
+                    Ok(true) => {
                         progressed = true;
                         let key = e.record.as_ref().map(|r| r.key.clone()).unwrap_or_default();
                         tracing::info!(target = %e.target, key = %key, attempts = e.attempts, "hand-off delivered");

@@ -1,0 +1,575 @@
+//! The replicated store with real processes on 127.0.0.1: blob pods (mutual TLS, one shared
+//! development CA) following a peer service with static discovery. Writes reach a majority,
+//! reads keep working with pods down, a write without a majority fails and never appears, a pod
+//! that was down catches up from the hand-off queue by itself and then serves everything
+//! alone; internal calls refuse client identities and bad input.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::{Node, NodeBuilder, WAIT, free_port};
+use peervault_proto::v1::{
+    ChunkData, CommitRecordRequest, FileChunk, FileRecord, FileRequest, FileResponse, GetRecordRequest,
+    HasChunksRequest, HybridTimestamp, ListFilesRequest, PutRecordRequest, file_service_client::FileServiceClient,
+    replication_service_client::ReplicationServiceClient,
+};
+use tonic::{Code, transport::Channel};
+
+const TLS_FILES: [&str; 5] = ["ca.crt", "server.crt", "server.key", "client.crt", "client.key"];
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// A cluster: one CA, a peer service with a static list, blob pods on fixed ports (so a pod
+/// comes back on its address after a restart).
+struct Cluster {
+    tls: tempfile::TempDir,
+    dirs: Vec<tempfile::TempDir>,
+    peer_port: u16,
+    blob_ports: Vec<u16>,
+    blob_dirs: Vec<PathBuf>,
+    peer: Option<Node>,
+    pods: Vec<Option<Node>>,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    fn new(n: usize, extra: &[&str]) -> Self {
+        let tls = tempfile::tempdir().unwrap();
+        peervault_runtime::tls::ensure_dev_certs(tls.path(), "peervault.local").unwrap();
+        let mut c = Cluster {
+            tls,
+            dirs: vec![],
+            peer_port: free_port(),
+            blob_ports: (0..n).map(|_| free_port()).collect(),
+            blob_dirs: vec![],
+            peer: None,
+            pods: vec![],
+            extra: extra.iter().map(|x| x.to_string()).collect(),
+        };
+        for _ in 0..n {
+            let d = c.data_dir();
+            c.blob_dirs.push(d);
+        }
+        c
+    }
+
+    fn data_dir(&mut self) -> PathBuf {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("tls")).unwrap();
+        for f in TLS_FILES {
+            std::fs::copy(self.tls.path().join(f), data.join("tls").join(f)).unwrap();
+        }
+        self.dirs.push(t);
+        data
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.blob_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+    }
+
+    fn start_peer(&mut self) {
+        let dir = self.data_dir();
+        let mut b = NodeBuilder::new("peer").data_dir(&dir);
+        for a in [
+            s("--discovery"),
+            s("static"),
+            s("--peers"),
+            self.ids().join(","),
+            s("--probe-interval"),
+            s("200ms"),
+            s("--probe-timeout"),
+            s("300ms"),
+            s("--probe-down-after"),
+            s("3"),
+            s("--probe-up-after"),
+            s("2"),
+        ] {
+            b = b.arg(a);
+        }
+        self.peer = Some(
+            b.start_listening(&format!("127.0.0.1:{}", self.peer_port), "127.0.0.1:0")
+                .0,
+        );
+    }
+
+    fn start_pod(&mut self, i: usize) {
+        let mut b = NodeBuilder::new("blob").data_dir(&self.blob_dirs[i]);
+        for a in [
+            s("--peer-endpoint"),
+            format!("127.0.0.1:{}", self.peer_port),
+            s("--node-id"),
+            format!("blob-{i}"),
+            s("--chunk-size"),
+            s("65536"),
+            s("--replication-timeout"),
+            s("1s"),
+            s("--anti-entropy-interval"),
+            s("1s"),
+        ] {
+            b = b.arg(a);
+        }
+        for a in &self.extra {
+            b = b.arg(a.clone());
+        }
+        let node = b
+            .start_listening(&format!("127.0.0.1:{}", self.blob_ports[i]), "127.0.0.1:0")
+            .0;
+        if self.pods.len() <= i {
+            self.pods.resize_with(i + 1, || None);
+        }
+        self.pods[i] = Some(node);
+    }
+
+    fn start(n: usize, extra: &[&str]) -> Self {
+        let mut c = Cluster::new(n, extra);
+        c.start_peer();
+        for i in 0..n {
+            c.start_pod(i);
+        }
+        let n = c.blob_ports.len() as f64;
+        for p in c.pods.iter().flatten() {
+            p.wait_metric("peervault_replication_members", &[], |v| v == n);
+            p.wait_metric("peervault_membership_view_ready", &[], |v| v == n);
+        }
+        c
+    }
+
+    fn pod(&self, i: usize) -> &Node {
+        self.pods[i].as_ref().expect("pod is running")
+    }
+
+    /// kill -9.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut n) = self.pods[i].take() {
+            n.signal("KILL");
+            n.wait_exit(WAIT);
+        }
+    }
+
+    async fn files(&self, i: usize) -> FileServiceClient<Channel> {
+        FileServiceClient::new(self.pod(i).channel().await)
+    }
+
+    async fn repl(&self, i: usize) -> ReplicationServiceClient<Channel> {
+        ReplicationServiceClient::new(self.pod(i).service_channel().await)
+    }
+
+    /// Waits until the peer service (and so every pod's view) sees pod `i` as ready or not.
+    fn wait_ready(&self, i: usize, ready: bool) {
+        let want = if ready { 1.0 } else { 0.0 };
+        let label = format!("peer=\"127.0.0.1:{}\"", self.blob_ports[i]);
+        self.peer
+            .as_ref()
+            .unwrap()
+            .wait_metric("peervault_peer_up", &[&label], |v| v == want);
+    }
+}
+
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn upload(c: &mut FileServiceClient<Channel>, key: &str, data: &[u8]) -> Result<FileResponse, tonic::Status> {
+    // Several messages so large files take the streaming path.
+    let piece = 40_000;
+    let mut msgs = Vec::new();
+    let mut off = 0usize;
+    loop {
+        let end = (off + piece).min(data.len());
+        msgs.push(FileChunk {
+            file_key: key.to_string(),
+            data: Bytes::copy_from_slice(&data[off..end]),
+            offset: off as i64,
+            is_last: end == data.len(),
+            ..Default::default()
+        });
+        off = end;
+        if off == data.len() {
+            break;
+        }
+    }
+    c.upload_file(tokio_stream::iter(msgs)).await.map(|r| r.into_inner())
+}
+
+async fn download(c: &mut FileServiceClient<Channel>, key: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut s = c.download_file(FileRequest { key: key.into() }).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await? {
+        assert_eq!(m.offset as usize, out.len());
+        out.extend_from_slice(&m.data);
+    }
+    Ok(out)
+}
+
+async fn list_all(c: &mut FileServiceClient<Channel>, page_size: i32) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut token = String::new();
+    for _ in 0..1000 {
+        let r = c
+            .list_files(ListFilesRequest {
+                page_size,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        keys.extend(r.files.into_iter().map(|f| f.key));
+        if r.next_page_token.is_empty() {
+            return keys;
+        }
+        token = r.next_page_token;
+    }
+    panic!("pagination never ended");
+}
+
+/// Polls `f` every 50 ms until it returns true, for at most `limit`.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn statuses(r: &FileResponse) -> Vec<String> {
+    r.replicas.iter().map(|x| x.status.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themselves() {
+    let mut cl = Cluster::start(3, &[]);
+    let small = content(1, 4096);
+    let big = content(2, 300_000); // 5 chunks of 64 KiB
+    let mut c0 = cl.files(0).await;
+    let r = upload(&mut c0, "docs/small", &small).await.unwrap();
+    assert_eq!(r.replicas.len(), 3, "{r:?}");
+    assert_eq!(statuses(&r), ["synced"; 3], "{r:?}");
+    let r = upload(&mut c0, "docs/big", &big).await.unwrap();
+    assert_eq!(statuses(&r), ["synced"; 3], "{r:?}");
+
+    // Every pod serves both and lists both.
+    for i in 0..3 {
+        let mut c = cl.files(i).await;
+        assert_eq!(download(&mut c, "docs/small").await.unwrap(), small, "pod {i}");
+        assert_eq!(download(&mut c, "docs/big").await.unwrap(), big, "pod {i}");
+        assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/small"], "pod {i}");
+        let g = c
+            .get_file(FileRequest { key: "docs/big".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(g.size, big.len() as i64);
+        let peers: BTreeSet<String> = g.replicas.iter().map(|x| x.peer_id.clone()).collect();
+        assert_eq!(peers, cl.ids().into_iter().collect(), "replicas are the three pods");
+    }
+    // Each pod holds the content itself (R = 3 on 3 pods).
+    for i in 0..3 {
+        cl.pod(i).wait_metric("peervault_blob_files", &[], |v| v == 2.0);
+    }
+
+    // kill -9 one pod: reads keep working from the others, a write still reaches a majority.
+    cl.kill(2);
+    for i in 0..2 {
+        let mut c = cl.files(i).await;
+        assert_eq!(
+            download(&mut c, "docs/big").await.unwrap(),
+            big,
+            "pod {i} with pod 2 down"
+        );
+        assert_eq!(list_all(&mut c, 10).await, ["docs/big", "docs/small"]);
+    }
+    let while_down = content(3, 200_000);
+    let mut c1 = cl.files(1).await;
+    let r = upload(&mut c1, "docs/while-down", &while_down).await.unwrap();
+    let synced = statuses(&r).iter().filter(|s| *s == "synced").count();
+    assert_eq!(synced, 2, "{r:?}");
+    assert!(
+        cl.pod(1)
+            .metric("peervault_replication_handoff_queue_depth", &[])
+            .unwrap()
+            >= 1.0
+    );
+    // Deleting works with one pod down too; the pod that missed it must not bring it back.
+    c1.delete_file(FileRequest {
+        key: "docs/small".into(),
+    })
+    .await
+    .unwrap();
+
+    // Two of three down: a write fails cleanly and never appears.
+    cl.kill(1);
+    let err = upload(&mut c0, "docs/no-majority", &content(4, 100_000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = upload(&mut c0, "docs/no-majority-small", b"tiny").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // Reads still work from the pod that stayed (degraded: fewer than a majority answer).
+    assert_eq!(download(&mut c0, "docs/big").await.unwrap(), big);
+
+    // Both come back (pod 1 with its persisted hand-off queue) and catch up by themselves.
+    cl.start_pod(1);
+    cl.start_pod(2);
+    cl.wait_ready(1, true);
+    cl.wait_ready(2, true);
+    for i in 0..3 {
+        cl.pod(i)
+            .wait_metric("peervault_replication_handoff_queue_depth", &[], |v| v == 0.0);
+    }
+    // Pod 2 received the file written while it was down and the delete, without any read.
+    cl.pod(2).wait_metric("peervault_blob_files", &[], |v| v == 2.0);
+    for i in 0..3 {
+        let mut c = cl.files(i).await;
+        for k in ["docs/no-majority", "docs/no-majority-small", "docs/small"] {
+            let e = c.get_file(FileRequest { key: k.into() }).await.unwrap_err();
+            assert_eq!(e.code(), Code::NotFound, "pod {i} {k}");
+        }
+        assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/while-down"], "pod {i}");
+    }
+
+    // Pod 2 alone serves everything from its own disk.
+    cl.kill(0);
+    cl.kill(1);
+    let mut c2 = cl.files(2).await;
+    assert_eq!(download(&mut c2, "docs/while-down").await.unwrap(), while_down);
+    assert_eq!(download(&mut c2, "docs/big").await.unwrap(), big);
+    assert_eq!(list_all(&mut c2, 5).await, ["docs/big", "docs/while-down"]);
+    assert_eq!(
+        cl.pod(2)
+            .metric("peervault_replication_failovers_total", &[])
+            .unwrap_or(0.0),
+        0.0,
+        "pod 2 read its own copies"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_pods_place_three_copies_and_list_the_whole_store_from_any_pod() {
+    let mut cl = Cluster::start(5, &[]);
+    let mut want = BTreeSet::new();
+    for i in 0..25u64 {
+        let key = format!("k/{i:02}");
+        let mut c = cl.files((i % 5) as usize).await;
+        let len = if i % 3 == 0 { 150_000 } else { 1000 + i as usize };
+        let r = upload(&mut c, &key, &content(i, len)).await.unwrap();
+        assert_eq!(statuses(&r), ["synced"; 3], "{key}: {r:?}");
+        want.insert(key);
+    }
+    let want: Vec<String> = want.into_iter().collect();
+    // Three copies in all: 75 file records over the five pods.
+    let total: f64 = (0..5)
+        .map(|i| cl.pod(i).metric("peervault_blob_files", &[]).unwrap())
+        .sum();
+    assert_eq!(total, 75.0);
+    for i in 0..5 {
+        let mut c = cl.files(i).await;
+        assert_eq!(list_all(&mut c, 7).await, want, "pod {i} by token");
+        // Page numbers: page 2 of 10 is keys 10..20; total counts the whole store.
+        let r = c
+            .list_files(ListFilesRequest {
+                page_size: 10,
+                page: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let keys: Vec<String> = r.files.iter().map(|f| f.key.clone()).collect();
+        assert_eq!(keys, want[10..20].to_vec(), "pod {i} page 2");
+        assert_eq!(r.total, 25);
+    }
+    cl.kill(3);
+    for i in [0, 1, 2, 4] {
+        let mut c = cl.files(i).await;
+        for (n, key) in want.iter().enumerate() {
+            let len = if n % 3 == 0 { 150_000 } else { 1000 + n };
+            assert_eq!(
+                download(&mut c, key).await.unwrap(),
+                content(n as u64, len),
+                "pod {i} {key}"
+            );
+        }
+        assert_eq!(list_all(&mut c, 100).await, want, "pod {i} with pod 3 down");
+    }
+}
+
+fn record(key: &str, hlc_ms: u64) -> FileRecord {
+    let data = b"hello".to_vec();
+    let h = blake3::hash(&data);
+    FileRecord {
+        key: key.into(),
+        blob_key: Bytes::copy_from_slice(h.as_bytes()),
+        size: data.len() as i64,
+        hlc: Some(HybridTimestamp {
+            physical_ms: hlc_ms,
+            logical: 0,
+            node_id: "test".into(),
+        }),
+        chunk_hashes: vec![Bytes::copy_from_slice(h.as_bytes())],
+        chunk_sizes: vec![data.len() as u32],
+        inline_data: Bytes::from(data),
+        ..Default::default()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_calls_need_a_service_identity_and_refuse_bad_input() {
+    let cl = Cluster::start(1, &[]);
+    let pod = cl.pod(0);
+    // A client certificate is not a service identity.
+    let mut as_client = ReplicationServiceClient::new(pod.channel().await);
+    let e = as_client
+        .has_chunks(HasChunksRequest { hashes: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = as_client
+        .get_record(GetRecordRequest { key: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    let mut r = cl.repl(0).await;
+    // Bad input, each with its status; nothing stored.
+    let e = r
+        .has_chunks(HasChunksRequest {
+            hashes: vec![Bytes::from_static(&[1; 31])],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let bad = ChunkData {
+        hash: Bytes::copy_from_slice(blake3::hash(b"one").as_bytes()),
+        data: Bytes::from_static(b"two"),
+    };
+    let e = r.put_chunks(tokio_stream::iter(vec![bad])).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    let mut no_clock = record("bad/no-clock", 1);
+    no_clock.hlc = None;
+    let e = r
+        .put_record(PutRecordRequest {
+            record: Some(no_clock),
+            pending: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let mut chunky = record("bad/missing-chunks", now_ms());
+    chunky.inline_data = Bytes::new();
+    chunky.size = 200_000;
+    chunky.chunk_sizes = vec![200_000];
+    let e = r
+        .put_record(PutRecordRequest {
+            record: Some(chunky),
+            pending: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let future = record("bad/future", now_ms() + 3_600_000);
+    let e = r
+        .put_record(PutRecordRequest {
+            record: Some(future),
+            pending: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    pod.wait_metric("peervault_replication_clock_refusals_total", &[], |v| v == 1.0);
+    let e = r
+        .commit_record(CommitRecordRequest {
+            key: "bad/never-pending".into(),
+            hlc: record("x", 1).hlc,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let mut files = cl.files(0).await;
+    let listed = list_all(&mut files, 10).await;
+    assert!(listed.is_empty(), "{listed:?}");
+
+    // Pending is invisible; commit makes it visible; an older record never replaces a newer.
+    let t = now_ms();
+    let rec = record("ok/pending", t);
+    r.put_record(PutRecordRequest {
+        record: Some(rec.clone()),
+        pending: true,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        files
+            .get_file(FileRequest {
+                key: "ok/pending".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let applied = r
+        .commit_record(CommitRecordRequest {
+            key: rec.key.clone(),
+            hlc: rec.hlc.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .applied;
+    assert!(applied);
+    assert_eq!(download(&mut files, "ok/pending").await.unwrap(), b"hello");
+    let mut older = record("ok/pending", t - 10);
+    older.name = "older".into();
+    let applied = r
+        .put_record(PutRecordRequest {
+            record: Some(older),
+            pending: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .applied;
+    assert!(!applied, "an older record must not win");
+    let got = r
+        .get_record(GetRecordRequest {
+            key: "ok/pending".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(got.hlc, rec.hlc);
+}
