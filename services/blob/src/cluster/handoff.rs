@@ -76,10 +76,9 @@ impl Handoff {
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(QUEUE)?;
-            let mut next = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            for e in entries {
-                t.insert(next, e.encode_to_vec().as_slice())?;
-                next += 1;
+            let first = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            for (id, e) in (first..).zip(entries) {
+                t.insert(id, e.encode_to_vec().as_slice())?;
             }
         }
         txn.commit()?;

@@ -142,7 +142,7 @@ impl Cluster {
         let mut plan: HashMap<String, Vec<u32>> = HashMap::new();
         for p in 0..PARTITIONS as u32 {
             let owners = layout.placement.owners(p);
-            let mine = owners.iter().any(|o| *o == me);
+            let mine = owners.contains(&me);
             let holds = local.get(p as usize).is_some_and(|d| *d != empty);
             if !mine && !holds {
                 continue;

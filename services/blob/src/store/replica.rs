@@ -412,6 +412,28 @@ impl Store {
         }
     }
 
+    /// Forgets this pod's copy of `key` (its partition moved to other owners that confirmed
+    /// they hold it): the record goes without a tombstone, content when nothing else uses it.
+    pub async fn forget_record(&self, key: &str) -> Result<()> {
+        let key = key.to_string();
+        let op: index::CustomOp = Box::new(move |txn| {
+            let live = txn.open_table(index::FILES)?.get(key.as_str())?.is_some();
+            if live {
+                index::apply(
+                    txn,
+                    Op::DeleteFile {
+                        key: key.clone(),
+                        now_ns: super::now_ns(),
+                    },
+                )?;
+            }
+            txn.open_table(index::TOMBSTONES)?.remove(key.as_str())?;
+            Ok(Reply::Applied(true, None))
+        });
+        self.commit(Op::Custom(op)).await?;
+        Ok(())
+    }
+
     /// Records (tombstones included) in key order after `start_after`, with `prefix`, in
     /// `partitions` (empty: all), at most `limit`. Blocking.
     pub fn list_records(
