@@ -129,16 +129,23 @@ impl Replicator {
         }
     }
 
-    /// Sends the chunks `ing` sealed since the last call. Blocking (writer thread).
-    pub fn forward(&mut self, ing: &Ingest) {
-        let all = ing.chunks();
-        if all.len() <= self.sent {
-            return;
+    /// Sends the chunks `ing` sealed since the last call, once [`super::WINDOW`] of them are
+    /// waiting: they are made durable here first (published under their hash), then read
+    /// back from the page cache and streamed. Blocking (writer thread).
+    pub fn forward(&mut self, ing: &mut Ingest) -> Result<()> {
+        if ing.chunks().len() < self.sent + super::WINDOW {
+            return Ok(());
         }
-        let new: Vec<ChunkMeta> = all.get(self.sent..).map(<[ChunkMeta]>::to_vec).unwrap_or_default();
-        self.sent = all.len();
+        ing.make_durable()?;
+        let new: Vec<ChunkMeta> = ing
+            .chunks()
+            .get(self.sent..)
+            .map(<[ChunkMeta]>::to_vec)
+            .unwrap_or_default();
+        self.sent += new.len();
         let handle = tokio::runtime::Handle::current();
         handle.block_on(self.send_chunks(&new));
+        Ok(())
     }
 
     /// Sends what is left of a finished upload's chunks, closes the streams and returns the
@@ -240,7 +247,7 @@ impl Cluster {
         }
         if !Self::has_quorum(&layout, &rec.key, &pending_ok) {
             if let Some(f) = local {
-                f.discard(self.store());
+                f.discard();
             }
             self.inner.metrics.writes.with_label_values(&["unavailable"]).inc();
             tracing::warn!(key = %rec.key, reached = pending_ok.len(), owners = owners.len(), "write refused: no majority of owners reachable");
@@ -266,7 +273,7 @@ impl Cluster {
                 Err(e) => tracing::warn!(key = %rec.key, error = %e, "local replica could not apply the record"),
             }
         } else if let Some(f) = local.take() {
-            f.discard(self.store());
+            f.discard();
         }
         let mut calls = Vec::new();
         for o in &pending_ok {

@@ -33,7 +33,54 @@ fn status(e: BlobError) -> Status {
     e.into()
 }
 
+/// Seconds since the epoch of the last volume-full alert (one a minute at most).
+static LAST_FULL_ALERT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl BlobApi {
+    /// Maps a store error to its status; a full volume also raises a `storage_alert` (at most
+    /// one a minute) so operators see it without reading logs.
+    pub(super) fn status(&self, e: BlobError) -> Status {
+        if e.is_volume_full() {
+            let now = (now_ns() / 1_000_000_000).max(0) as u64;
+            let last = LAST_FULL_ALERT.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 60
+                && LAST_FULL_ALERT
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::AcqRel,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                let stats = self.store.stats();
+                let message = format!("Volume full on {}: {e}", self.node_id);
+                self.events.publish(
+                    peervault_events_client::EventBuilder::new("alerts", "storage_alert")
+                        .data(serde_json::json!({
+                            "level": "critical",
+                            "type": "storage_alert",
+                            "metric": "volume_full",
+                            "value": stats.storage_used,
+                            "threshold": self.store.config().volume_reserve,
+                            "message": message,
+                            "node": self.node_id,
+                        }))
+                        .payload(peervault_proto::v1::event::Payload::Alert(peervault_proto::v1::Alert {
+                            level: "critical".into(),
+                            r#type: "storage_alert".into(),
+                            metric: "volume_full".into(),
+                            value: stats.storage_used as f64,
+                            threshold: self.store.config().volume_reserve as f64,
+                            message,
+                        }))
+                        .build(),
+                );
+            }
+        }
+        e.into()
+    }
+
     /// UploadFile: a client stream of contiguous chunks ending with `is_last`.
     pub async fn upload_file_stream(
         &self,
@@ -62,7 +109,7 @@ impl BlobApi {
             first.content_type.clone()
         };
         let metadata = first.metadata.clone();
-        let mut ingest = Some(self.store.ingest(None).map_err(status)?);
+        let mut ingest = Some(self.store.ingest(None).map_err(|e| self.status(e))?);
         // Chunks stream to the file's other owners while the upload is received.
         let mut repl = self.cluster.replicator(&key);
         let mut pipe: Option<WriterPipe> = None;
@@ -118,10 +165,11 @@ impl BlobApi {
                 // A one-message object (the common small put): write it right here.
                 let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
                 let data = msg.data;
-                ing = tokio::task::spawn_blocking(move || ing.write(&data).map(|()| ing))
+                let span = tracing::debug_span!("chunk_write", bytes = data.len());
+                ing = tokio::task::spawn_blocking(move || span.in_scope(|| ing.write(&data).map(|()| ing)))
                     .await
                     .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                    .map_err(status)?;
+                    .map_err(|e| self.status(e))?;
                 ingest = Some(ing);
             } else {
                 // A stream: hash and write on a thread of its own so receiving (and TLS) goes on
@@ -129,11 +177,13 @@ impl BlobApi {
                 let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
                 let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
                 let mut r = repl.take();
+                let span = tracing::debug_span!("chunk_writes");
                 let handle = tokio::task::spawn_blocking(move || {
+                    let _e = span.enter();
                     while let Some(data) = rx.blocking_recv() {
                         ing.write(&data)?;
                         if let Some(r) = &mut r {
-                            r.forward(&ing);
+                            r.forward(&mut ing)?;
                         }
                     }
                     Ok::<_, BlobError>((ing, r))
@@ -150,7 +200,7 @@ impl BlobApi {
             let (ing, r) = handle
                 .await
                 .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                .map_err(status)?;
+                .map_err(|e| self.status(e))?;
             ingest = Some(ing);
             repl = r;
         }
@@ -160,14 +210,15 @@ impl BlobApi {
             ));
         }
         let ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
-        let (finished, _) = tokio::task::spawn_blocking(move || ing.finish())
+        let span = tracing::debug_span!("finish");
+        let (finished, _) = tokio::task::spawn_blocking(move || span.in_scope(|| ing.finish()))
             .await
             .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-            .map_err(status)?;
+            .map_err(|e| self.status(e))?;
         if !expected_hash.is_empty() {
             let got = hex(&finished.blob.key);
             if !expected_hash.eq_ignore_ascii_case(&got) {
-                finished.discard(&self.store);
+                finished.discard();
                 return Err(Status::invalid_argument(format!(
                     "content hashes to {got} but expected_hash is {expected_hash} (BLAKE3, hex); nothing was stored"
                 )));
@@ -186,7 +237,11 @@ impl BlobApi {
             updated_ns: now,
             hlc: None,
         };
-        let (stored, replicas) = self.cluster.put_file(rec, finished, repl).await.map_err(status)?;
+        let (stored, replicas) = self
+            .cluster
+            .put_file(rec, finished, repl)
+            .await
+            .map_err(|e| self.status(e))?;
         self.store
             .metrics()
             .upload_duration

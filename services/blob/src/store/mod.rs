@@ -15,6 +15,7 @@ mod pins;
 mod read;
 pub mod records;
 pub mod replica;
+mod tree;
 
 use std::{
     collections::HashMap,
@@ -32,8 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use index::{ChunkMeta, MetadataPatch, NewBlob, hex};
 use index::{Counters, Job, Op, Reply};
-pub use ingest::{Finished, Ingest};
-pub use pins::ReadPin;
+pub use ingest::{Durable, Finished, Ingest};
+pub use pins::{Pins, ReadPin};
 
 use crate::{
     config::BlobConfig,
@@ -70,8 +71,17 @@ struct Inner {
     /// Bytes of uploads in flight, counted against the quota before they are committed.
     reserved: AtomicU64,
     tmp_seq: AtomicU64,
+    /// The next chunk folder the orphan scan looks at.
+    orphan_cursor: std::sync::atomic::AtomicUsize,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Test builds: named points where a test can stop the engine to drive a race.
+    #[cfg(any(test, feature = "test-hooks"))]
+    hook: Mutex<Option<Hook>>,
 }
+
+/// A test hook: called with the name of each hook point reached.
+#[cfg(any(test, feature = "test-hooks"))]
+pub type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -105,6 +115,14 @@ pub struct StoreStats {
     pub quota: u64,
 }
 
+/// The committer cannot go on: acknowledged writes are durable already, so the process exits
+/// (non-zero) to fail readiness at once and restart clean rather than answer UNAVAILABLE forever.
+fn fatal(what: &str) {
+    tracing::error!(panic = %what, "blob store failed; exiting so the process restarts clean");
+    eprintln!("peervault: blob store committer failed ({what}); exiting");
+    std::process::exit(70);
+}
+
 fn chunk_rel_path(hash: &[u8; 32]) -> PathBuf {
     let h = hex(hash);
     PathBuf::from(&h[..2]).join(h)
@@ -118,15 +136,50 @@ impl Store {
     /// Opens (or creates) the store under `root`, recovers from an interrupted run and starts
     /// the committer thread. Blocking: call from `spawn_blocking` or before serving.
     pub fn open(root: &Path, cfg: BlobConfig, metrics: BlobMetrics) -> Result<Store> {
+        let _span = tracing::info_span!("store_open", root = %root.display()).entered();
         let chunks = root.join("chunks");
         let tmp = root.join("tmp");
         for d in [root, &chunks, &tmp] {
             fs::create_dir_all(d).map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
         }
+        let mut created = false;
         for i in 0..=255u8 {
             let d = chunks.join(format!("{i:02x}"));
-            fs::create_dir_all(&d).map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
+            if !d.is_dir() {
+                fs::create_dir_all(&d).map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
+                created = true;
+            }
         }
+        if created {
+            // New folders are durable before any chunk inside them is acknowledged.
+            for d in [&chunks, root] {
+                sync_dir(d).map_err(|e| BlobError::io(format!("fsync {}", d.display()), e))?;
+            }
+        }
+        // The index first: it is locked by this process, so a second process on the same volume
+        // stops here instead of deleting the first one's in-flight files below.
+        let db_path = root.join("index.redb");
+        let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = repaired.clone();
+        let started = std::time::Instant::now();
+        let db = Database::builder()
+            .set_cache_size(cfg.index_cache.min(usize::MAX as u64) as usize)
+            .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
+            .create(&db_path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => BlobError::Unavailable(format!(
+                    "{} is in use by another process: one blob process per data directory",
+                    db_path.display()
+                )),
+                e => BlobError::from(e),
+            })?;
+        if repaired.load(Ordering::Relaxed) {
+            tracing::warn!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "index repaired after an unclean shutdown"
+            );
+        }
+        let db = Arc::new(db);
         // Leftovers of writes that never committed: nothing in the index points at them.
         let mut removed = 0u64;
         for e in fs::read_dir(&tmp).map_err(|e| BlobError::io(format!("list {}", tmp.display()), e))? {
@@ -142,12 +195,6 @@ impl Store {
                 .inc_by(removed);
             tracing::info!(removed, "recovery removed temporary files of interrupted writes");
         }
-        let db_path = root.join("index.redb");
-        let db = Database::builder()
-            .set_cache_size(64 * 1024 * 1024)
-            .create(&db_path)
-            .map_err(|e| BlobError::Index(e.into()))?;
-        let db = Arc::new(db);
         index::init_tables(&db)?;
         let counters = index::read_counters(&db)?;
         let (commit_tx, commit_rx) = mpsc::channel(1024);
@@ -161,17 +208,43 @@ impl Store {
             counters: Mutex::new(counters),
             reserved: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
+            orphan_cursor: std::sync::atomic::AtomicUsize::new(0),
             committer: Mutex::new(None),
+            #[cfg(any(test, feature = "test-hooks"))]
+            hook: Mutex::new(None),
         });
         let store = Store { inner };
         store.publish_counters(counters);
         let weak = Arc::downgrade(&store.inner);
-        let handle = index::spawn_committer(db, commit_rx, metrics, move |c| {
-            if let Some(inner) = weak.upgrade() {
-                Store { inner }.publish_counters(c);
-            }
-        })
-        .map_err(|e| BlobError::io("start the committer thread", e))?;
+        #[cfg(any(test, feature = "test-hooks"))]
+        let weak_hook = Arc::downgrade(&store.inner);
+        #[cfg(any(test, feature = "test-hooks"))]
+        let weak_fatal = Arc::downgrade(&store.inner);
+        let hooks = index::CommitterHooks {
+            after_commit: Box::new(move |c| {
+                if let Some(inner) = weak.upgrade() {
+                    Store { inner }.publish_counters(c);
+                }
+            }),
+            before_batch: Box::new(move || {
+                #[cfg(any(test, feature = "test-hooks"))]
+                if let Some(inner) = weak_hook.upgrade() {
+                    Store { inner }.hook("committer.batch");
+                }
+            }),
+            on_fatal: Box::new(move |what| {
+                #[cfg(any(test, feature = "test-hooks"))]
+                if let Some(inner) = weak_fatal.upgrade()
+                    && inner.hook.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+                {
+                    Store { inner }.hook("committer.fatal");
+                    return;
+                }
+                fatal(&what);
+            }),
+        };
+        let handle = index::spawn_committer(db, commit_rx, metrics, hooks)
+            .map_err(|e| BlobError::io("start the committer thread", e))?;
         *store.inner.committer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         store
             .inner
@@ -187,6 +260,40 @@ impl Store {
             "blob store open"
         );
         Ok(store)
+    }
+
+    /// Test builds: sets the hook called at each hook point.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn set_hook(&self, hook: Option<Hook>) {
+        *self.inner.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// Test builds: a named point where a test may stop the engine.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub(crate) fn hook(&self, point: &str) {
+        let h = self.inner.hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(h) = h {
+            h(point);
+        }
+    }
+
+    /// A full-volume refusal: counted, logged, and RESOURCE_EXHAUSTED for the caller.
+    pub(crate) fn volume_full(&self, detail: String) -> BlobError {
+        self.note_error(BlobError::VolumeFull(detail))
+    }
+
+    /// An I/O error with context, noting a full volume.
+    pub(crate) fn io_error(&self, context: impl Into<String>, e: std::io::Error) -> BlobError {
+        self.note_error(BlobError::io(context, e))
+    }
+
+    /// Counts and logs errors a person must act on (a full volume).
+    pub(crate) fn note_error(&self, e: BlobError) -> BlobError {
+        if e.is_volume_full() {
+            self.inner.metrics.volume_full.inc();
+            tracing::warn!(error = %e, "write refused: the volume is full");
+        }
+        e
     }
 
     fn publish_counters(&self, c: Counters) {
@@ -241,14 +348,21 @@ impl Store {
     }
 
     pub(crate) async fn commit(&self, op: Op) -> Result<Reply> {
+        self.commit_with(op, None).await
+    }
+
+    /// Commits `op`, handing `content` to the committer, which releases it once the outcome is
+    /// known (committed or not) — whether or not this caller is still waiting.
+    pub(crate) async fn commit_with(&self, op: Op, content: Option<Finished>) -> Result<Reply> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .commit_tx
-            .send(Job { op, reply: tx })
+            .send(Job { op, reply: tx, content })
             .await
             .map_err(|_| BlobError::Unavailable("the store is shutting down".into()))?;
         rx.await
             .map_err(|_| BlobError::Unavailable("index commit failed; retry the request".into()))?
+            .map_err(|e| self.note_error(e))
     }
 
     /// Reserves `n` more bytes against the quota, or refuses before anything is written.
@@ -286,3 +400,5 @@ impl Store {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_defects;

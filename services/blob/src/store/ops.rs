@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 
 use super::{
-    ChunkMeta, Finished, MetadataPatch, Store,
+    Durable, Finished, MetadataPatch, Store,
     index::{Op, Reply},
     now_ns,
-    records::{BlobRec, FileRec, UploadRec},
+    records::{BlobRec, FileRec, UploadChunkRec, UploadRec},
 };
 use crate::error::{BlobError, Result};
 
@@ -17,8 +17,7 @@ impl Store {
         rec.blob_key = content.blob.key.to_vec();
         rec.size = content.blob.size;
         let blob = content.blob.clone();
-        let reply = self.commit(Op::PutFile { rec, blob }).await;
-        content.release(self);
+        let reply = self.commit_with(Op::PutFile { rec, blob }, Some(content)).await;
         match reply? {
             Reply::File(f, old) => Ok((f, old)),
             other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
@@ -62,59 +61,78 @@ impl Store {
         }
     }
 
-    /// Registers a resumable upload.
-    pub async fn create_upload(&self, id: &str, total_size: u64, attributes: HashMap<String, String>) -> Result<()> {
+    /// Registers a resumable upload; returns its first session number.
+    pub async fn create_upload(&self, id: &str, total_size: u64, attributes: HashMap<String, String>) -> Result<u64> {
         let now = now_ns();
         let rec = UploadRec {
             total_size,
             attributes,
-            received: 0,
-            chunk_hashes: vec![],
-            chunk_sizes: vec![],
             created_ns: now,
             updated_ns: now,
+            session: 1,
+            ..Default::default()
         };
         self.commit(Op::CreateUpload {
             id: id.to_string(),
             rec,
         })
         .await?;
-        Ok(())
+        Ok(1)
     }
 
-    /// Records durable chunks of a resumable upload; returns the durable byte count.
-    pub async fn append_upload(&self, id: &str, chunks: Vec<ChunkMeta>) -> Result<u64> {
-        let mut received = None;
-        for chunk in chunks {
-            let r = self
-                .commit(Op::AppendUpload {
-                    id: id.to_string(),
-                    chunk,
-                    now_ns: now_ns(),
-                })
-                .await;
-            match r? {
-                Reply::Received(n) => received = Some(n),
-                other => return Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
-            }
-        }
-        match received {
-            Some(n) => Ok(n),
-            None => Ok(self.get_upload(id)?.received),
-        }
-    }
-
-    /// Turns a resumable upload into a blob.
-    pub async fn complete_upload(&self, id: &str, content: Finished) -> Result<BlobRec> {
-        let blob = content.blob.clone();
-        let r = self
-            .commit(Op::CompleteUpload {
+    /// Makes the caller the live session of upload `id` (any older session's appends and
+    /// completion are refused from now on) and returns the record and its durable chunks.
+    pub async fn claim_upload(&self, id: &str) -> Result<(UploadRec, Vec<UploadChunkRec>)> {
+        match self
+            .commit(Op::ClaimUpload {
                 id: id.to_string(),
-                blob,
                 now_ns: now_ns(),
             })
+            .await?
+        {
+            Reply::Claimed(rec, rows) => Ok((rec, rows)),
+            other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Records durable chunks of a resumable upload for `session`, refused unless the upload's
+    /// durable length is `durable.offset`; returns the durable byte count.
+    pub async fn append_upload(&self, id: &str, session: u64, durable: &Durable) -> Result<u64> {
+        let chunks = durable
+            .chunks
+            .iter()
+            .cloned()
+            .zip(durable.cvs.iter().copied())
+            .collect();
+        match self
+            .commit(Op::AppendUpload {
+                id: id.to_string(),
+                session,
+                offset: durable.offset,
+                chunks,
+                now_ns: now_ns(),
+            })
+            .await?
+        {
+            Reply::Received(n) => Ok(n),
+            other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Turns a resumable upload into a blob (for the live `session` only).
+    pub async fn complete_upload(&self, id: &str, session: u64, content: Finished) -> Result<BlobRec> {
+        let blob = content.blob.clone();
+        let r = self
+            .commit_with(
+                Op::CompleteUpload {
+                    id: id.to_string(),
+                    session,
+                    blob,
+                    now_ns: now_ns(),
+                },
+                Some(content),
+            )
             .await;
-        content.release(self);
         match r? {
             Reply::Blob(b) => Ok(b),
             other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
@@ -122,9 +140,11 @@ impl Store {
     }
 
     /// Abandons a resumable upload and releases its chunks.
-    pub async fn abort_upload(&self, id: &str) -> Result<()> {
+    /// With a `session`, only while it is still the live one.
+    pub async fn abort_upload(&self, id: &str, session: Option<u64>) -> Result<()> {
         self.commit(Op::AbortUpload {
             id: id.to_string(),
+            session,
             now_ns: now_ns(),
         })
         .await?;

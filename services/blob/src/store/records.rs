@@ -113,7 +113,7 @@ pub struct UploadRec {
     /// Bytes durably received (sum of chunk sizes).
     #[prost(uint64, tag = "3")]
     pub received: u64,
-    /// Durable chunks so far.
+    /// Durable chunks of records written before per-chunk rows (read only, to release them).
     #[prost(bytes = "vec", repeated, tag = "4")]
     pub chunk_hashes: Vec<Vec<u8>>,
     /// Their lengths.
@@ -125,6 +125,28 @@ pub struct UploadRec {
     /// Last progress, nanoseconds since the epoch (expiry counts from here).
     #[prost(int64, tag = "7")]
     pub updated_ns: i64,
+    /// The live session: each resume takes a new number, and appends or a completion from an
+    /// older session are refused.
+    #[prost(uint64, tag = "8")]
+    pub session: u64,
+    /// Durable chunks, kept as rows of their own (`upload_chunks`).
+    #[prost(uint64, tag = "9")]
+    pub chunk_count: u64,
+}
+
+/// One durable chunk of a resumable upload (a row of its own, so an append writes one row).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UploadChunkRec {
+    /// BLAKE3 of the chunk (its address).
+    #[prost(bytes = "vec", tag = "1")]
+    pub hash: Vec<u8>,
+    /// Length.
+    #[prost(uint32, tag = "2")]
+    pub size: u32,
+    /// BLAKE3 chaining value of the chunk at its offset in the object: the whole-content key
+    /// is derived from these without re-reading the chunks.
+    #[prost(bytes = "vec", tag = "3")]
+    pub cv: Vec<u8>,
 }
 
 /// What remains of a deleted file, for replication to order deletes against writes.

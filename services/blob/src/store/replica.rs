@@ -402,11 +402,7 @@ impl Store {
                 other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
             }
         });
-        let reply = self.commit(Op::Custom(op)).await;
-        if let Some(f) = local {
-            f.release(self);
-        }
-        match reply? {
+        match self.commit_with(Op::Custom(op), local).await? {
             Reply::Applied(applied, old) => Ok((applied, old)),
             other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
         }
