@@ -573,3 +573,176 @@ async fn replication_calls_need_a_service_identity_and_refuse_bad_input() {
         .unwrap();
     assert_eq!(got.hlc, rec.hlc);
 }
+
+/// The chunk files under a pod's data dir.
+fn chunk_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let root = dir.join("blob").join("chunks");
+    for sub in std::fs::read_dir(&root).unwrap().flatten() {
+        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            out.push(f.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flipped_byte_is_found_by_scrub_and_repaired_from_a_replica() {
+    let cl = Cluster::start(3, &["--scrub-interval", "300ms"]);
+    let data = content(7, 200_000);
+    let mut c = cl.files(0).await;
+    upload(&mut c, "scrub/me", &data).await.unwrap();
+    let files = chunk_files(&cl.blob_dirs[1]);
+    assert!(!files.is_empty());
+    let victim = files[0].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&victim, &bytes).unwrap();
+    cl.pod(1)
+        .wait_metric("peervault_replication_scrub_repaired_total", &[], |v| v >= 1.0);
+    let fixed = std::fs::read(&victim).unwrap();
+    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+    assert_eq!(
+        blake3::hash(&fixed).to_hex().as_str(),
+        name,
+        "the chunk file holds its content again"
+    );
+    let mut c1 = cl.files(1).await;
+    assert_eq!(download(&mut c1, "scrub/me").await.unwrap(), data);
+}
+
+/// Which pods hold a record of `key` (asked with a service identity).
+async fn holders(cl: &Cluster, key: &str, pods: &[usize]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for &i in pods {
+        let mut r = cl.repl(i).await;
+        let got = r
+            .get_record(GetRecordRequest { key: key.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .record;
+        if got.is_some_and(|r| !r.deleted) {
+            out.insert(format!("127.0.0.1:{}", cl.blob_ports[i]));
+        }
+    }
+    out
+}
+
+fn expected_owners(ids: &[String], key: &str) -> BTreeSet<String> {
+    use peervault_blob::{cluster::placement, store::replica::key_partition};
+    let members: Vec<placement::Member> = ids
+        .iter()
+        .map(|id| placement::Member {
+            id: id.clone(),
+            zone: String::new(),
+            node: String::new(),
+        })
+        .collect();
+    placement::owners_of(key_partition(key), &members, 3)
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fourth_pod_gets_its_share_and_an_excluded_pod_is_drained_before_it_stops() {
+    let mut cl = Cluster::new(4, &[]);
+    // The peer service knows three pods; the fourth is added later with AddPeer.
+    let all_ids = cl.ids();
+    let first_three = all_ids[..3].to_vec();
+    {
+        let dir = cl.data_dir();
+        let mut b = NodeBuilder::new("peer").data_dir(&dir);
+        for a in [
+            s("--discovery"),
+            s("static"),
+            s("--peers"),
+            first_three.join(","),
+            s("--probe-interval"),
+            s("200ms"),
+            s("--probe-timeout"),
+            s("300ms"),
+        ] {
+            b = b.arg(a);
+        }
+        cl.peer = Some(
+            b.start_listening(&format!("127.0.0.1:{}", cl.peer_port), "127.0.0.1:0")
+                .0,
+        );
+    }
+    for i in 0..3 {
+        cl.start_pod(i);
+    }
+    for i in 0..3 {
+        cl.pod(i)
+            .wait_metric("peervault_replication_members", &[], |v| v == 3.0);
+    }
+    let keys: Vec<String> = (0..30).map(|i| format!("move/{i:02}")).collect();
+    for (n, k) in keys.iter().enumerate() {
+        let mut c = cl.files(n % 3).await;
+        let len = if n % 4 == 0 { 150_000 } else { 2000 };
+        upload(&mut c, k, &content(n as u64, len)).await.unwrap();
+    }
+
+    // Add the fourth: every file ends up on exactly its three owners under four members.
+    cl.start_pod(3);
+    let mut peers =
+        peervault_proto::v1::peer_service_client::PeerServiceClient::new(cl.peer.as_ref().unwrap().channel().await);
+    peers
+        .add_peer(peervault_proto::v1::AddPeerRequest {
+            address: s("127.0.0.1"),
+            port: cl.blob_ports[3] as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..4 {
+        cl.pod(i)
+            .wait_metric("peervault_replication_members", &[], |v| v == 4.0);
+    }
+    let started = Instant::now();
+    for k in &keys {
+        let want = expected_owners(&all_ids, k);
+        eventually(&format!("{k} on {want:?}"), WAIT, || async {
+            holders(&cl, k, &[0, 1, 2, 3]).await == want
+        })
+        .await;
+    }
+    let moved_in = started.elapsed();
+    assert!(
+        cl.pod(3).metric("peervault_blob_files", &[]).unwrap() > 0.0,
+        "the new pod got a share"
+    );
+    println!(
+        "{}",
+        serde_json::json!({"rebalance_after_add_s": moved_in.as_secs_f64(), "files": keys.len()})
+    );
+
+    // Exclude pod 0: its files move to the remaining owners; then it stops with no loss.
+    peers
+        .remove_peer(peervault_proto::v1::PeerRequest { id: all_ids[0].clone() })
+        .await
+        .unwrap();
+    let rest = all_ids[1..].to_vec();
+    for k in &keys {
+        let want = expected_owners(&rest, k);
+        eventually(&format!("{k} on {want:?} after the exclusion"), WAIT, || async {
+            holders(&cl, k, &[1, 2, 3]).await == want
+        })
+        .await;
+    }
+    cl.kill(0);
+    for i in 1..4 {
+        let mut c = cl.files(i).await;
+        for (n, k) in keys.iter().enumerate() {
+            let len = if n % 4 == 0 { 150_000 } else { 2000 };
+            assert_eq!(
+                download(&mut c, k).await.unwrap(),
+                content(n as u64, len),
+                "pod {i} {k}"
+            );
+        }
+        assert_eq!(list_all(&mut c, 8).await, keys, "pod {i}");
+    }
+}

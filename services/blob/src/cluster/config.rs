@@ -29,6 +29,12 @@ pub struct ClusterConfig {
     #[arg(long, env = "PEERVAULT_ANTI_ENTROPY_INTERVAL", default_value = "2m", value_parser = parse_duration, value_name = "DURATION")]
     pub anti_entropy_interval: Duration,
 
+    /// Mean time between two scrub passes (each re-verifies every local chunk against its hash
+    /// and repairs a bad one from a replica); each wait is randomised between half and one and
+    /// a half times this.
+    #[arg(long, env = "PEERVAULT_SCRUB_INTERVAL", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub scrub_interval: Duration,
+
     /// Refuse reads that fewer than a majority of a file's owners answered (default: serve the
     /// newest record among those that did, counted as a degraded read).
     #[arg(long, env = "PEERVAULT_STRICT_READS", default_value_t = false)]
@@ -43,6 +49,7 @@ impl Default for ClusterConfig {
             repair_workers: 4,
             replication_timeout: Duration::from_secs(5),
             anti_entropy_interval: Duration::from_secs(120),
+            scrub_interval: Duration::from_secs(24 * 3600),
             strict_reads: false,
         }
     }

@@ -17,6 +17,18 @@ pub(super) fn spawn_workers(c: &Cluster) {
     tokio::spawn(async move { me.handoff_loop().await });
     let me = c.clone();
     tokio::spawn(async move { me.anti_entropy_loop().await });
+    let me = c.clone();
+    tokio::spawn(async move { me.scrub_loop().await });
+}
+
+/// A factor in [0.5, 1.5) that differs between pods and passes.
+fn jitter() -> f64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let h = blake3::hash(&t.to_le_bytes());
+    0.5 + (h.as_bytes()[0] as f64 / 256.0)
 }
 
 impl Cluster {
@@ -137,6 +149,8 @@ impl Cluster {
             .map_err(|e| crate::error::BlobError::Unavailable(e.to_string()))??;
         let empty = *blake3::Hasher::new().finalize().as_bytes();
         let mut clean = true;
+        // Partitions this pod holds but no longer owns: dropped once every owner confirmed.
+        let mut leaving: HashMap<u32, bool> = HashMap::new();
         // Which partitions to compare with which peer: those both own now, plus partitions this
         // pod holds data of but no longer owns (they go to their new owners).
         let mut plan: HashMap<String, Vec<u32>> = HashMap::new();
@@ -147,6 +161,9 @@ impl Cluster {
             if !mine && !holds {
                 continue;
             }
+            if !mine {
+                leaving.insert(p, true);
+            }
             for o in owners {
                 if *o != me {
                     plan.entry(o.clone()).or_default().push(p);
@@ -154,12 +171,21 @@ impl Cluster {
             }
         }
         for (peer, parts) in plan {
+            let fail = |leaving: &mut HashMap<u32, bool>| {
+                for p in &parts {
+                    if let Some(ok) = leaving.get_mut(p) {
+                        *ok = false;
+                    }
+                }
+            };
             if layout.peers.get(&peer).is_some_and(|p| !p.ready) {
                 clean = false;
+                fail(&mut leaving);
                 continue;
             }
             let Some(mut client) = self.client(&peer) else {
                 clean = false;
+                fail(&mut leaving);
                 continue;
             };
             let theirs = match self
@@ -173,6 +199,7 @@ impl Cluster {
                     self.inner.metrics.digest_rounds.with_label_values(&["error"]).inc();
                     tracing::debug!(peer = %peer, error = %st.message(), "digest exchange failed");
                     clean = false;
+                    fail(&mut leaving);
                     continue;
                 }
             };
@@ -191,9 +218,106 @@ impl Cluster {
             if let Err(e) = self.push_newer(&peer, &differ).await {
                 tracing::debug!(peer = %peer, error = %e, "anti-entropy push failed");
                 clean = false;
+                fail(&mut leaving);
+            }
+        }
+        // Every owner of these partitions confirmed it holds what this pod has (or newer).
+        for (p, ok) in leaving {
+            if ok && self.layout().version == layout.version {
+                self.drop_partition(p).await?;
             }
         }
         Ok(clean)
+    }
+
+    /// Forgets every local record of partition `p` (it moved to owners that confirmed).
+    async fn drop_partition(&self, p: u32) -> crate::error::Result<()> {
+        let mut dropped = 0usize;
+        loop {
+            let s = self.store().clone();
+            let batch = tokio::task::spawn_blocking(move || s.list_records("", "", &[p], 256, false))
+                .await
+                .map_err(|e| crate::error::BlobError::Unavailable(e.to_string()))??;
+            if batch.is_empty() {
+                break;
+            }
+            for r in batch {
+                self.store().forget_record(&r.key).await?;
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::info!(
+                partition = p,
+                records = dropped,
+                "rebalance: dropped a partition its new owners confirmed"
+            );
+        }
+        Ok(())
+    }
+
+    async fn scrub_loop(self) {
+        loop {
+            let wait = self
+                .inner
+                .cfg
+                .scrub_interval
+                .mul_f64(jitter())
+                .max(Duration::from_millis(100));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.inner.ctx.draining() => return,
+            }
+            if let Err(e) = self.scrub_pass().await {
+                tracing::warn!(error = %e, "scrub pass failed");
+            }
+        }
+    }
+
+    /// Re-verifies every local chunk; a corrupt or missing one is replaced from a replica.
+    /// Returns the chunks repaired.
+    pub async fn scrub_pass(&self) -> crate::error::Result<usize> {
+        let s = self.store().clone();
+        let chunks = tokio::task::spawn_blocking(move || s.chunk_hashes(&[]))
+            .await
+            .map_err(|e| crate::error::BlobError::Unavailable(e.to_string()))??;
+        let mut repaired = 0;
+        for (hash, rec) in chunks {
+            if rec.inline {
+                continue;
+            }
+            self.throttle("repair", rec.size as u64).await;
+            let s = self.store().clone();
+            let ok = tokio::task::spawn_blocking(move || s.read_chunk(&hash, rec.size))
+                .await
+                .map_err(|e| crate::error::BlobError::Unavailable(e.to_string()))?;
+            match ok {
+                Ok(_) => continue,
+                Err(crate::error::BlobError::DataLoss(msg)) => {
+                    tracing::error!(chunk = %crate::store::hex(&hash), error = %msg, "scrub found a bad chunk");
+                }
+                Err(e) => return Err(e),
+            }
+            let layout = self.layout();
+            let mut peers: Vec<_> = layout.peers.values().filter(|p| !layout.is_self(&p.id)).collect();
+            peers.sort_by_key(|p| p.rank);
+            for p in peers {
+                let Ok(data) = self.get_chunk_from(&p.id, hash).await else {
+                    continue;
+                };
+                let s = self.store().clone();
+                let fixed = tokio::task::spawn_blocking(move || s.repair_chunk(&hash, &data))
+                    .await
+                    .map_err(|e| crate::error::BlobError::Unavailable(e.to_string()))?;
+                if fixed.is_ok() {
+                    repaired += 1;
+                    self.inner.metrics.scrub_repaired.inc();
+                    tracing::warn!(chunk = %crate::store::hex(&hash), replica = %p.id, "scrub repaired a chunk from a replica");
+                    break;
+                }
+            }
+        }
+        Ok(repaired)
     }
 
     /// Sends `peer` every record of `partitions` this pod has newer than it (or that it lacks).

@@ -156,7 +156,7 @@ impl Cluster {
         Ok(applied)
     }
 
-    async fn throttle(&self, reason: &str, n: u64) {
+    pub(super) async fn throttle(&self, reason: &str, n: u64) {
         if reason == "write" {
             return;
         }
