@@ -67,15 +67,27 @@ impl Cluster {
         Ok(())
     }
 
-    /// PutRecord: holds the record pending, or applies it now if newer.
-    pub async fn serve_put_record(&self, r: FileRecord, pending: bool) -> Result<bool> {
+    /// PutRecord: holds the record pending (unless a newer one is held: its clock is
+    /// returned), or applies it now if newer.
+    pub async fn serve_put_record(&self, r: FileRecord, pending: bool) -> Result<(bool, Option<HybridTimestamp>)> {
         check_record(&r)?;
         self.observe(r.hlc.as_ref())?;
         if pending {
+            let s = self.store().clone();
+            let k = r.key.clone();
+            let held = tokio::task::spawn_blocking(move || s.replica_record(&k, false))
+                .await
+                .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))??;
+            let clock = |h: Option<&HybridTimestamp>| h.map(|h| (h.physical_ms, h.logical, h.node_id.clone()));
+            if let Some(h) = held
+                && clock(h.hlc.as_ref()) >= clock(r.hlc.as_ref())
+            {
+                return Ok((false, h.hlc));
+            }
             self.hold_pending(r)?;
-            return Ok(true);
+            return Ok((true, None));
         }
-        self.apply_checked(r).await
+        Ok((self.apply_checked(r).await?, None))
     }
 
     async fn apply_checked(&self, r: FileRecord) -> Result<bool> {

@@ -17,9 +17,14 @@ use crate::{
     store::{
         ChunkMeta, Finished, Ingest,
         records::FileRec,
-        replica::{hlc_to_wire, live_record},
+        replica::{hlc_from_wire, hlc_key, hlc_to_wire, live_record},
     },
 };
+
+fn clock_of(h: Option<&peervault_proto::v1::HybridTimestamp>) -> (u64, u32, String) {
+    h.map(|h| (h.physical_ms, h.logical, h.node_id.clone()))
+        .unwrap_or_default()
+}
 
 struct RemoteStream {
     id: String,
@@ -216,33 +221,66 @@ impl Cluster {
         let layout = self.layout();
         let owners = layout.owners(&rec.key);
         let me_owner = owners.iter().any(|o| layout.is_self(o));
-        // Round 1: pending everywhere reachable.
-        let mut calls = Vec::new();
-        for o in &owners {
-            if layout.is_self(o) || eligible.is_some_and(|e| !e.contains(o)) {
-                continue;
-            }
-            let Some(mut c) = self.client(o) else { continue };
-            let req = PutRecordRequest {
-                record: Some(rec.clone()),
-                pending: true,
-            };
-            let me = self.clone();
-            let id = o.clone();
-            calls.push(async move { (id, me.timed(c.put_record(req)).await) });
-        }
+        // Round 1: pending everywhere reachable. A replica holding a newer record answers with
+        // its clock; the write then takes a later reading and tries again, so it orders after
+        // everything a majority has committed.
+        let mut rec = rec;
         let mut pending_ok: HashSet<String> = HashSet::new();
-        if me_owner && let Some(id) = &layout.self_id {
-            pending_ok.insert(id.clone());
-        }
-        for (id, r) in futures_util::future::join_all(calls).await {
-            match r {
-                Ok(_) => {
-                    pending_ok.insert(id);
+        for attempt in 0..3 {
+            pending_ok.clear();
+            let mut calls = Vec::new();
+            for o in &owners {
+                if layout.is_self(o) || eligible.is_some_and(|e| !e.contains(o)) {
+                    continue;
                 }
-                Err(st) => {
-                    tracing::warn!(key = %rec.key, replica = %id, code = ?st.code(), error = %st.message(), "replica refused the pending record");
+                let Some(mut c) = self.client(o) else { continue };
+                let req = PutRecordRequest {
+                    record: Some(rec.clone()),
+                    pending: true,
+                };
+                let me = self.clone();
+                let id = o.clone();
+                calls.push(async move { (id, me.timed(c.put_record(req)).await) });
+            }
+            let mut newer: Option<crate::store::records::Hlc> = None;
+            if me_owner && let Some(id) = &layout.self_id {
+                let s = self.store().clone();
+                let k = rec.key.clone();
+                let held = tokio::task::spawn_blocking(move || s.replica_record(&k, false))
+                    .await
+                    .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))??;
+                match held.and_then(|h| h.hlc) {
+                    Some(h) if clock_of(Some(&h)) >= clock_of(rec.hlc.as_ref()) => newer = Some(hlc_from_wire(&h)),
+                    _ => {
+                        pending_ok.insert(id.clone());
+                    }
                 }
+            }
+            for (id, r) in futures_util::future::join_all(calls).await {
+                match r {
+                    Ok(resp) if resp.applied => {
+                        pending_ok.insert(id);
+                    }
+                    Ok(resp) => {
+                        if let Some(h) = resp.held {
+                            let h = hlc_from_wire(&h);
+                            if newer.as_ref().is_none_or(|n| hlc_key(Some(&h)) > hlc_key(Some(n))) {
+                                newer = Some(h);
+                            }
+                        }
+                    }
+                    Err(st) => {
+                        tracing::warn!(key = %rec.key, replica = %id, code = ?st.code(), error = %st.message(), "replica refused the pending record");
+                    }
+                }
+            }
+            match newer {
+                Some(h) if attempt < 2 => {
+                    let _ = self.clock().observe(&h);
+                    rec.hlc = Some(hlc_to_wire(&self.now()));
+                    tracing::debug!(key = %rec.key, "a replica holds a newer record; writing again with a later clock");
+                }
+                _ => break,
             }
         }
         if !Self::has_quorum(&layout, &rec.key, &pending_ok) {

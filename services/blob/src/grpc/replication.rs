@@ -75,8 +75,8 @@ impl ReplicationService for ReplicationApi {
         let rec = req
             .record
             .ok_or_else(|| Status::invalid_argument("PutRecord without a record"))?;
-        let applied = self.cluster.serve_put_record(rec, req.pending).await.map_err(status)?;
-        Ok(Response::new(PutRecordResponse { applied }))
+        let (applied, held) = self.cluster.serve_put_record(rec, req.pending).await.map_err(status)?;
+        Ok(Response::new(PutRecordResponse { applied, held }))
     }
 
     async fn commit_record(&self, req: Request<CommitRecordRequest>) -> Result<Response<PutRecordResponse>, Status> {
@@ -86,7 +86,7 @@ impl ReplicationService for ReplicationApi {
             .serve_commit(&req.key, req.hlc.as_ref())
             .await
             .map_err(status)?;
-        Ok(Response::new(PutRecordResponse { applied }))
+        Ok(Response::new(PutRecordResponse { applied, held: None }))
     }
 
     async fn get_record(&self, req: Request<GetRecordRequest>) -> Result<Response<GetRecordResponse>, Status> {
