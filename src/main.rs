@@ -133,12 +133,15 @@ async fn run(role: Role, config: ServeConfig, blob: peervault_blob::BlobConfig) 
             let own = ctx.self_endpoint();
             services.extend(start_peer(&ctx, vec![own.clone()], Some(own)).await?);
             membership = start_membership(&ctx, upstreams.peer.as_deref())?;
+            let mut upstreams = upstreams;
+            upstreams.membership = membership.as_ref().map(|m| m.view());
             services.extend(peervault_blob::services(&ctx, blob.clone(), upstreams).await?);
         }
         Role::Blob => {
             start_metrics_events(&ctx)?;
-            let upstreams = peervault_blob::Upstreams::from_context(&ctx, false, false);
+            let mut upstreams = peervault_blob::Upstreams::from_context(&ctx, false, false);
             membership = start_membership(&ctx, upstreams.peer.as_deref())?;
+            upstreams.membership = membership.as_ref().map(|m| m.view());
             services.extend(peervault_blob::services(&ctx, blob.clone(), upstreams).await?);
         }
         Role::Peer => {

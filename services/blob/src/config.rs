@@ -32,6 +32,9 @@ pub struct BlobConfig {
     #[arg(long, env = "PEERVAULT_UPLOAD_EXPIRY", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
     pub upload_expiry: Duration,
 
+    /// Replication between blob pods.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterConfig,
     /// How long a tombstone (what remains of a deleted file, for replication) is kept.
     #[arg(long, env = "PEERVAULT_TOMBSTONE_EXPIRY", default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
     pub tombstone_expiry: Duration,
@@ -63,6 +66,7 @@ impl Default for BlobConfig {
             gc_grace: Duration::from_secs(600),
             gc_interval: Duration::from_secs(60),
             upload_expiry: Duration::from_secs(24 * 3600),
+            cluster: Default::default(),
             tombstone_expiry: Duration::from_secs(7 * 24 * 3600),
             volume_reserve: 16 * 1024 * 1024,
             index_cache: 32 * 1024 * 1024,

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 
 use super::{BlobApi, MAX_FRAME, check_key, key_limit, stream_range};
 use crate::{
+    cluster::{Replicas, Replicator},
     error::BlobError,
     store::{FileQuery, Ingest, MetadataPatch, hex, now_ns, records::FileRec},
     validate,
@@ -19,7 +20,10 @@ use crate::{
 const WRITE_QUEUE: usize = 2;
 
 /// The queue to an upload's writer thread and the thread's outcome.
-type WriterPipe = (mpsc::Sender<Bytes>, tokio::task::JoinHandle<Result<Ingest, BlobError>>);
+type WriterPipe = (
+    mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<Result<(Ingest, Option<Replicator>), BlobError>>,
+);
 
 /// Default and largest page of ListFiles.
 const DEFAULT_PAGE: usize = 100;
@@ -108,6 +112,8 @@ impl BlobApi {
         };
         let metadata = first.metadata.clone();
         let mut ingest = Some(self.store.ingest(None).map_err(|e| self.status(e))?);
+        // Chunks stream to the file's other owners while the upload is received.
+        let mut repl = self.cluster.replicator(&key);
         let mut pipe: Option<WriterPipe> = None;
         let mut next = Some(first);
         let mut offset: i64 = 0;
@@ -172,13 +178,17 @@ impl BlobApi {
                 // while the disk works; the small queue is the only buffering.
                 let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
                 let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+                let mut r = repl.take();
                 let span = tracing::debug_span!("chunk_writes");
                 let handle = tokio::task::spawn_blocking(move || {
                     let _e = span.enter();
                     while let Some(data) = rx.blocking_recv() {
                         ing.write(&data)?;
+                        if let Some(r) = &mut r {
+                            r.forward(&mut ing)?;
+                        }
                     }
-                    Ok::<_, BlobError>(ing)
+                    Ok::<_, BlobError>((ing, r))
                 });
                 if tx.send(msg.data).await.is_err() {
                     pipe = Some((tx, handle));
@@ -189,11 +199,12 @@ impl BlobApi {
         }
         if let Some((tx, handle)) = pipe.take() {
             drop(tx);
-            let ing = handle
+            let (ing, r) = handle
                 .await
                 .map_err(|e| Status::internal(format!("write task failed: {e}")))?
                 .map_err(|e| self.status(e))?;
             ingest = Some(ing);
+            repl = r;
         }
         if !saw_last {
             return Err(Status::invalid_argument(
@@ -226,8 +237,13 @@ impl BlobApi {
             metadata,
             created_ns: now,
             updated_ns: now,
+            hlc: None,
         };
-        let (stored, _old) = self.store.put_file(rec, finished).await.map_err(|e| self.status(e))?;
+        let (stored, replicas) = self
+            .cluster
+            .put_file(rec, finished, repl)
+            .await
+            .map_err(|e| self.status(e))?;
         self.store
             .metrics()
             .upload_duration
@@ -235,13 +251,16 @@ impl BlobApi {
             .observe(elapsed.as_secs_f64());
         tracing::info!(key = %stored.key, size = stored.size, hash = %hex(&stored.blob_key), "file stored");
         self.publish_file_event("file_uploaded", "upload", &stored);
-        Ok(self.file_response(&stored))
+        Ok(self.file_response_with(&stored, &replicas))
     }
 
     /// DownloadFile: the content as a stream of chunks with offsets, the last flagged.
-    pub fn download_file_stream(&self, key: &str, limit: Option<&str>) -> Result<BoxStream<FileChunk>, Status> {
+    pub async fn download_file_stream(&self, key: &str, limit: Option<&str>) -> Result<BoxStream<FileChunk>, Status> {
         validate::file_key(key).map_err(status)?;
         check_key(limit, key)?;
+        if !self.cluster.is_solo() {
+            return self.download_replicated(key).await;
+        }
         let (f, blob, small) = self.store.get_small_file(key).map_err(status)?;
         if let Some(data) = small {
             // Small objects come out of the index in one message: no task, no queue.
@@ -275,6 +294,113 @@ impl BlobApi {
                 ..Default::default()
             }
         }))
+    }
+
+    /// DownloadFile when there are other members: the newest record from a majority, content
+    /// local-first with failover.
+    async fn download_replicated(&self, key: &str) -> Result<BoxStream<FileChunk>, Status> {
+        let (rec, small) = self.cluster.open_download(key).await.map_err(status)?;
+        if let Some(data) = small.filter(|d| d.len() as i64 == rec.size) {
+            let msg = FileChunk {
+                file_key: rec.key,
+                data,
+                offset: 0,
+                is_last: true,
+                checksum: hex(&rec.blob_key),
+                ..Default::default()
+            };
+            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        }
+        if rec.size == 0 {
+            let msg = FileChunk {
+                file_key: rec.key,
+                is_last: true,
+                ..Default::default()
+            };
+            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        }
+        let key = rec.key.clone();
+        Ok(self
+            .cluster
+            .stream_content(rec, move |offset, data, last, whole| FileChunk {
+                file_key: key.clone(),
+                data,
+                offset: offset as i64,
+                is_last: last,
+                checksum: whole.map(|h| hex(&h)).unwrap_or_default(),
+                ..Default::default()
+            }))
+    }
+
+    /// ListFiles on this pod or, with other members, across the whole store.
+    pub async fn list_files_any(
+        &self,
+        req: ListFilesRequest,
+        limit: Option<String>,
+    ) -> Result<ListFilesResponse, Status> {
+        if !self.cluster.is_solo() {
+            return self.list_replicated(req, limit.as_deref()).await;
+        }
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || api.list_files_page(req, limit.as_deref()))
+            .await
+            .map_err(|e| Status::internal(format!("list task failed: {e}")))?
+    }
+
+    /// ListFiles merged across every member: newest record per key, tombstones left out.
+    async fn list_replicated(
+        &self,
+        mut req: ListFilesRequest,
+        limit: Option<&str>,
+    ) -> Result<ListFilesResponse, Status> {
+        if let Some(p) = limit {
+            if p.starts_with(req.prefix.as_str()) {
+                req.prefix = p.to_string();
+            } else if !req.prefix.starts_with(p) {
+                return Ok(ListFilesResponse {
+                    page: req.page.max(1),
+                    page_size: req.page_size,
+                    ..Default::default()
+                });
+            }
+        }
+        let size = match req.page_size {
+            n if n <= 0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(decode_token(&req.page_token)?)
+        };
+        let skip = if after.is_none() && req.page > 1 {
+            (req.page as usize - 1).saturating_mul(size)
+        } else {
+            0
+        };
+        let (records, more, _) = self
+            .cluster
+            .list_merged(&req.prefix, after.as_deref(), skip, size, &req.filter, false)
+            .await
+            .map_err(status)?;
+        let (_, _, total) = self
+            .cluster
+            .list_merged(&req.prefix, None, 0, 0, "", true)
+            .await
+            .map_err(status)?;
+        let files: Vec<FileRec> = records.iter().map(crate::store::replica::file_rec).collect();
+        let next = if more {
+            files.last().map(|f| encode_token(&f.key)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListFilesResponse {
+            total: total.min(i32::MAX as u64) as i32,
+            page: req.page.max(1),
+            page_size: size as i32,
+            files: files.iter().map(|f| self.file_response(f)).collect(),
+            next_page_token: next,
+        })
     }
 
     /// ListFiles.
@@ -368,16 +494,16 @@ impl BlobApi {
             name: req.name,
             content_type: req.content_type,
         };
-        let f = self.store.update_file(&req.key, patch).await.map_err(status)?;
+        let (f, replicas) = self.cluster.update_file(&req.key, patch).await.map_err(status)?;
         self.publish_file_event("file_updated", "update", &f);
-        Ok(self.file_response(&f))
+        Ok(self.file_response_with(&f, &replicas))
     }
 
     /// DeleteFile.
     pub async fn delete(&self, key: &str, limit: Option<&str>) -> Result<DeleteFileResponse, Status> {
         validate::file_key(key).map_err(status)?;
         check_key(limit, key)?;
-        let f = self.store.delete_file(key).await.map_err(status)?;
+        let f = self.cluster.delete_file(key).await.map_err(status)?;
         tracing::info!(key = %key, "file deleted");
         self.publish_file_event("file_deleted", "delete", &f);
         Ok(DeleteFileResponse {
@@ -387,11 +513,11 @@ impl BlobApi {
     }
 
     /// GetFile.
-    pub fn get(&self, key: &str, limit: Option<&str>) -> Result<FileResponse, Status> {
+    pub async fn get(&self, key: &str, limit: Option<&str>) -> Result<FileResponse, Status> {
         validate::file_key(key).map_err(status)?;
         check_key(limit, key)?;
-        let f = self.store.get_file(key).map_err(status)?;
-        Ok(self.file_response(&f))
+        let (f, replicas): (FileRec, Replicas) = self.cluster.get_file(key).await.map_err(status)?;
+        Ok(self.file_response_with(&f, &replicas))
     }
 }
 
@@ -434,23 +560,19 @@ impl FileService for BlobApi {
     async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
         let limit = key_limit(&req);
         Ok(Response::new(
-            self.download_file_stream(&req.into_inner().key, limit.as_deref())?,
+            self.download_file_stream(&req.into_inner().key, limit.as_deref())
+                .await?,
         ))
     }
 
     async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
-        let api = self.clone();
         let limit = key_limit(&req);
-        let req = req.into_inner();
-        let r = tokio::task::spawn_blocking(move || api.list_files_page(req, limit.as_deref()))
-            .await
-            .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
-        Ok(Response::new(r))
+        Ok(Response::new(self.list_files_any(req.into_inner(), limit).await?))
     }
 
     async fn get_file(&self, req: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
         let limit = key_limit(&req);
-        Ok(Response::new(self.get(&req.into_inner().key, limit.as_deref())?))
+        Ok(Response::new(self.get(&req.into_inner().key, limit.as_deref()).await?))
     }
 
     async fn delete_file(&self, req: Request<FileRequest>) -> Result<Response<DeleteFileResponse>, Status> {

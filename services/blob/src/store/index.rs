@@ -181,9 +181,18 @@ pub(crate) enum Op {
         tombstone_expiry_ns: i64,
         pinned: HashSet<[u8; 32]>,
     },
+    /// An operation composed elsewhere in the store (replica: apply a record if newer) from
+    /// [`apply`] and the tables, committed in the same batches as everything else.
+    Custom(CustomOp),
 }
 
+/// The body of [`Op::Custom`].
+pub(crate) type CustomOp = Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>;
+
 /// What an operation answers.
+// A reply lives for one commit on its way back to one caller: boxing would cost more than the
+// size difference does.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Reply {
     /// The file as stored now, and the one it replaced.
@@ -208,6 +217,8 @@ pub(crate) enum Reply {
         /// Whether any queue had more due than one pass takes.
         more: bool,
     },
+    /// A replicated record: whether it was applied, and the live file it replaced.
+    Applied(bool, Option<FileRec>),
     Done,
 }
 
@@ -426,8 +437,9 @@ fn remove_upload(txn: &WriteTransaction, id: &str, rec: &UploadRec, keep_refs: b
 
 /// Applies one operation. Operations check before they change anything, so a refused one
 /// leaves the transaction as it was and the others in the batch still commit.
-fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
+pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
     match op {
+        Op::Custom(f) => f(txn),
         Op::PutFile { rec, blob } => {
             let old = txn
                 .open_table(FILES)?
@@ -466,6 +478,7 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             let tomb = Tombstone {
                 deleted_ns: now_ns,
                 blob_key: old.blob_key.clone(),
+                hlc: None,
             };
             tombstone_remove(txn, &key)?;
             txn.open_table(TOMBSTONES)?

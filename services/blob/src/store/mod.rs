@@ -15,6 +15,7 @@ mod ops;
 mod pins;
 mod read;
 pub mod records;
+pub mod replica;
 mod tree;
 
 use std::{

@@ -37,6 +37,25 @@ pub struct FileRec {
     /// Last change time, nanoseconds since the epoch.
     #[prost(int64, tag = "8")]
     pub updated_ns: i64,
+    /// Hybrid logical clock of the write that produced this record (replication: the newer
+    /// record wins). Unset (zero) on records written before replication existed.
+    #[prost(message, optional, tag = "9")]
+    pub hlc: Option<Hlc>,
+}
+
+/// A hybrid logical clock reading as stored in the index: ordered by physical time, then the
+/// logical counter, then the writing pod's id.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct Hlc {
+    /// Wall-clock milliseconds since the epoch.
+    #[prost(uint64, tag = "1")]
+    pub physical_ms: u64,
+    /// Counter within one millisecond.
+    #[prost(uint32, tag = "2")]
+    pub logical: u32,
+    /// Id of the pod that made the reading.
+    #[prost(string, tag = "3")]
+    pub node_id: String,
 }
 
 /// A blob: content as an ordered list of chunks.
@@ -139,4 +158,7 @@ pub struct Tombstone {
     /// The blob the file pointed at.
     #[prost(bytes = "vec", tag = "2")]
     pub blob_key: Vec<u8>,
+    /// Clock reading of the delete (replication orders it against writes).
+    #[prost(message, optional, tag = "3")]
+    pub hlc: Option<Hlc>,
 }
