@@ -488,7 +488,7 @@ impl Store {
     /// Publishes the fsynced temporary file `tmp` as chunk `hash` at `dest` without replacing a
     /// file already there: an existing copy is verified and fsynced instead, and one that fails
     /// verification is replaced by the durable new copy. Blocking.
-    fn publish_chunk(&self, tmp: &Path, dest: &Path, hash: &[u8; 32], size: u32) -> Result<()> {
+    pub(super) fn publish_chunk(&self, tmp: &Path, dest: &Path, hash: &[u8; 32], size: u32) -> Result<()> {
         let disk = &self.inner.disk;
         match disk.hard_link(tmp, dest) {
             Ok(()) => Ok(()),
@@ -505,6 +505,31 @@ impl Store {
             }
             Err(e) => Err(self.io_error(format!("link {}", dest.display()), e)),
         }
+    }
+
+    /// Writes a whole, already verified chunk (one received from another pod) the way an
+    /// upload does: fsynced in `tmp/`, published without replacing a sound copy (a corrupt one
+    /// is replaced), its folder fsynced. Blocking.
+    pub(super) fn write_chunk_durably(&self, hash: &[u8; 32], data: &[u8]) -> Result<()> {
+        let disk = &self.inner.disk;
+        let tmp = self.tmp_path();
+        let written = (|| {
+            let mut f = disk
+                .create(&tmp)
+                .map_err(|e| self.io_error(format!("create {}", tmp.display()), e))?;
+            f.write_all(data).map_err(|e| self.io_error("write chunk", e))?;
+            f.sync_data().map_err(|e| self.io_error("fsync chunk", e))?;
+            drop(f);
+            let dest = self.chunk_path(hash);
+            self.publish_chunk(&tmp, &dest, hash, data.len() as u32)?;
+            if let Some(d) = dest.parent() {
+                disk.sync_dir(d)
+                    .map_err(|e| self.io_error(format!("fsync {}", d.display()), e))?;
+            }
+            Ok(())
+        })();
+        let _ = disk.remove_file(&tmp);
+        written
     }
 
     fn existing_chunk_is_sound(&self, path: &Path, hash: &[u8; 32], size: u32) -> bool {
