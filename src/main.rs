@@ -5,6 +5,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod certs;
+mod metric_names;
 use peervault_runtime::{Runtime, ServeConfig, Services};
 
 #[derive(Parser)]
@@ -18,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run one role (or all of them) until SIGTERM/SIGINT.
@@ -25,11 +30,31 @@ enum Command {
         /// Which services this process runs.
         #[arg(value_enum)]
         role: Role,
+        // Boxed: the flag sets are large and the other commands are tiny (clippy's
+        // large_enum_variant).
         #[command(flatten)]
-        config: ServeConfig,
+        config: Box<ServeConfig>,
         #[command(flatten)]
-        blob: peervault_blob::BlobConfig,
+        blob: Box<peervault_blob::BlobConfig>,
     },
+    /// Certificates for deployments (the Helm chart's init container).
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Facts about the metrics this binary exports.
+    #[command(subcommand)]
+    Metrics(MetricsCommand),
+}
+
+#[derive(Subcommand)]
+enum MetricsCommand {
+    /// Print every metric name, one a line (the list dashboards and alert rules are checked against).
+    Names,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Issue a service certificate (URI SAN identities, DNS names, IPs) signed by a CA.
+    Issue(certs::IssueArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,7 +82,24 @@ impl Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve { role, config, blob } = cli.command;
+    let (role, config, blob) = match cli.command {
+        Command::Serve { role, config, blob } => (role, *config, *blob),
+        Command::Metrics(MetricsCommand::Names) => {
+            for name in metric_names::all() {
+                println!("{name}");
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Certs(CertsCommand::Issue(args)) => {
+            return match certs::issue(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("peervault certs issue: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -91,12 +133,15 @@ async fn run(role: Role, config: ServeConfig, blob: peervault_blob::BlobConfig) 
             let own = ctx.self_endpoint();
             services.extend(start_peer(&ctx, vec![own.clone()], Some(own)).await?);
             membership = start_membership(&ctx, upstreams.peer.as_deref())?;
+            let mut upstreams = upstreams;
+            upstreams.membership = membership.as_ref().map(|m| m.view());
             services.extend(peervault_blob::services(&ctx, blob.clone(), upstreams).await?);
         }
         Role::Blob => {
             start_metrics_events(&ctx)?;
-            let upstreams = peervault_blob::Upstreams::from_context(&ctx, false, false);
+            let mut upstreams = peervault_blob::Upstreams::from_context(&ctx, false, false);
             membership = start_membership(&ctx, upstreams.peer.as_deref())?;
+            upstreams.membership = membership.as_ref().map(|m| m.view());
             services.extend(peervault_blob::services(&ctx, blob.clone(), upstreams).await?);
         }
         Role::Peer => {

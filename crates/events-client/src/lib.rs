@@ -33,6 +33,7 @@ use peervault_runtime::{
 };
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 pub use sampler::MetricsSampler;
 
@@ -214,6 +215,13 @@ impl EventPublisher {
         }
         if event.source.is_empty() {
             event.source = self.source.clone();
+        }
+        // The span that produced the event (an upload's, a probe's…): subscribers can continue
+        // its trace, and the batched Publish links to it.
+        if event.traceparent.is_empty()
+            && let Some(tp) = peervault_runtime::telemetry::current_traceparent()
+        {
+            event.traceparent = tp;
         }
         let queues = read(&self.queues);
         if queues.is_empty() {
@@ -417,7 +425,13 @@ async fn sender(
         }
         let mut req = tonic::Request::new(PublishRequest { events: batch.clone() });
         req.set_timeout(Duration::from_secs(5));
-        match client.publish(req).await {
+        // A batch is a trace of its own (events of many requests travel together), linked to
+        // the span of every event it carries.
+        let span = tracing::info_span!("events.publish", otel.kind = "producer", endpoint = %endpoint, events = batch.len(), links = tracing::field::Empty);
+        let links =
+            peervault_runtime::telemetry::link_traceparents(&span, batch.iter().map(|e| e.traceparent.as_str()));
+        span.record("links", links);
+        match client.publish(req).instrument(span).await {
             Ok(_) => {
                 for e in &batch {
                     metrics.published.with_label_values(&[e.topic.as_str()]).inc();

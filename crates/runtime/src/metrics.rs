@@ -23,7 +23,10 @@ use prometheus::{
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// Every metric name the services export. Dashboards and alerts use only names from this list.
+/// The runtime's metric names (every process exports them). The one list of every name the
+/// services export is the union of this and each crate's `names::ALL`, built in the binary
+/// (`src/metric_names.rs`, printed by `peervault metrics names`); dashboards and alert rules
+/// use only names from it.
 pub mod names {
     /// RPCs started on the server.
     pub const GRPC_SERVER_STARTED_TOTAL: &str = "grpc_server_started_total";

@@ -31,6 +31,22 @@ pub struct BlobConfig {
     /// How long an interrupted resumable upload is kept before it expires.
     #[arg(long, env = "PEERVAULT_UPLOAD_EXPIRY", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
     pub upload_expiry: Duration,
+
+    /// Replication between blob pods.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterConfig,
+    /// How long a tombstone (what remains of a deleted file, for replication) is kept.
+    #[arg(long, env = "PEERVAULT_TOMBSTONE_EXPIRY", default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
+    pub tombstone_expiry: Duration,
+
+    /// Free space kept on the data volume for deletes and garbage collection: new content is
+    /// refused with RESOURCE_EXHAUSTED ("volume full") below it. 0 disables the check.
+    #[arg(long, env = "PEERVAULT_VOLUME_RESERVE", default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    pub volume_reserve: u64,
+
+    /// Memory for the index's page cache (redb), in bytes; the default fits a 256 MiB pod.
+    #[arg(long, env = "PEERVAULT_INDEX_CACHE", default_value_t = 32 * 1024 * 1024, value_name = "BYTES")]
+    pub index_cache: u64,
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
@@ -50,6 +66,10 @@ impl Default for BlobConfig {
             gc_grace: Duration::from_secs(600),
             gc_interval: Duration::from_secs(60),
             upload_expiry: Duration::from_secs(24 * 3600),
+            cluster: Default::default(),
+            tombstone_expiry: Duration::from_secs(7 * 24 * 3600),
+            volume_reserve: 16 * 1024 * 1024,
+            index_cache: 32 * 1024 * 1024,
         }
     }
 }

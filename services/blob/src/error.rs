@@ -24,6 +24,9 @@ pub enum BlobError {
     /// The storage quota would be exceeded.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The data volume is full (ENOSPC, EDQUOT, or below `--volume-reserve`).
+    #[error("volume full: {0}; delete files or grow the volume")]
+    VolumeFull(String),
     /// The operation conflicts with the current state (e.g. deleting a blob a file uses).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -73,6 +76,7 @@ impl BlobError {
             BlobError::PermissionDenied(_) => "permission_denied",
             BlobError::OutOfRange(_) => "out_of_range",
             BlobError::QuotaExceeded(_) => "quota_exceeded",
+            BlobError::VolumeFull(_) => "volume_full",
             BlobError::FailedPrecondition(_) => "failed_precondition",
             BlobError::DataLoss(_) => "data_loss",
             BlobError::Aborted(_) => "aborted",
@@ -85,12 +89,22 @@ impl BlobError {
         }
     }
 
-    /// Wraps an I/O error with what was being done.
+    /// Wraps an I/O error with what was being done: a full volume becomes
+    /// [`BlobError::VolumeFull`], a device read error (EIO) [`BlobError::DataLoss`].
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        BlobError::Io {
-            context: context.into(),
-            source,
+        let context = context.into();
+        if is_volume_full(&source) {
+            return BlobError::VolumeFull(format!("{context}: {source}"));
         }
+        if source.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) {
+            return BlobError::DataLoss(format!("{context}: {source} (the device failed to read or write)"));
+        }
+        BlobError::Io { context, source }
+    }
+
+    /// Whether this error means the volume is full.
+    pub fn is_volume_full(&self) -> bool {
+        matches!(self, BlobError::VolumeFull(_))
     }
 
     /// Shorthand for [`BlobError::InvalidArgument`].
@@ -99,11 +113,23 @@ impl BlobError {
     }
 }
 
+/// ENOSPC or EDQUOT.
+pub fn is_volume_full(e: &std::io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(rustix::io::Errno::NOSPC.raw_os_error()) || code == Some(rustix::io::Errno::DQUOT.raw_os_error())
+}
+
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for BlobError {
             fn from(e: $t) -> Self {
-                BlobError::Index(e.into())
+                let e: redb::Error = e.into();
+                if let redb::Error::Io(io) = &e
+                    && is_volume_full(io)
+                {
+                    return BlobError::VolumeFull(format!("index: {io}"));
+                }
+                BlobError::Index(e)
             }
         }
     )*};
@@ -125,7 +151,7 @@ impl From<BlobError> for Status {
             BlobError::AlreadyExists(_) => Status::already_exists(msg),
             BlobError::PermissionDenied(_) => Status::permission_denied(msg),
             BlobError::OutOfRange(_) => Status::out_of_range(msg),
-            BlobError::QuotaExceeded(_) => Status::resource_exhausted(msg),
+            BlobError::QuotaExceeded(_) | BlobError::VolumeFull(_) => Status::resource_exhausted(msg),
             BlobError::FailedPrecondition(_) | BlobError::NoUpstream { .. } => Status::failed_precondition(msg),
             BlobError::DataLoss(_) => Status::data_loss(msg),
             BlobError::Aborted(_) => Status::aborted(msg),

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -28,6 +29,8 @@ pub struct Upstreams {
     /// The events service (`--events-endpoint`, possibly a comma-separated list of pods);
     /// `None` when not configured.
     pub events: Option<String>,
+    /// The membership view the coordinator places files over; `None`: this pod alone.
+    pub membership: Option<tokio::sync::watch::Receiver<peervault_membership::MembershipView>>,
 }
 
 impl Upstreams {
@@ -46,6 +49,7 @@ impl Upstreams {
                 .events_endpoint
                 .clone()
                 .or_else(|| hosts_events.then(|| own.clone())),
+            membership: None,
         }
     }
 }
@@ -71,6 +75,7 @@ pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstream
     let metrics = metrics::BlobMetrics::new(Some(&ctx.metrics.registry))
         .map_err(|e| BlobError::Unavailable(format!("metrics: {e}")))?;
     let root = ctx.config.data_dir.join("blob");
+    let cfg_cluster = cfg.cluster.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&root, cfg, metrics))
         .await
         .map_err(|e| BlobError::Unavailable(format!("opening the store failed: {e}")))??;
@@ -81,7 +86,15 @@ pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstream
     grpc::spawn_gc(ctx.clone(), store.clone());
     let events = peervault_events_client::EventPublisher::start(ctx, upstreams.events.as_slice())
         .map_err(|e| BlobError::Unavailable(format!("events publisher: {e}")))?;
-    let api = grpc::BlobApi::new(store, events, ctx.node_id.clone(), ctx.grpc_addr);
+    let cluster = cluster::Cluster::start(
+        ctx,
+        store.clone(),
+        cfg_cluster,
+        upstreams.membership.clone(),
+        events.clone(),
+        Some(&ctx.metrics.registry),
+    )?;
+    let api = grpc::BlobApi::new(store, events, ctx.node_id.clone(), ctx.grpc_addr, cluster.clone());
     let forward = peervault_api::PeerVaultApi::new(ctx, upstreams, api.clone())?;
     let max = ctx.config.max_message_size as usize;
     let mut s = Services::new();
@@ -103,6 +116,12 @@ pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstream
     ));
     s.add(configure_service!(
         peervault_proto::v1::peer_vault_service_server::PeerVaultServiceServer::new(forward),
+        max
+    ));
+    s.add(configure_service!(
+        peervault_proto::v1::replication_service_server::ReplicationServiceServer::new(
+            grpc::replication::ReplicationApi::new(cluster)
+        ),
         max
     ));
     Ok(s)

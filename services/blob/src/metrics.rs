@@ -42,6 +42,12 @@ pub mod names {
     pub const ERRORS_TOTAL: &str = "peervault_blob_errors_total";
     /// Leftovers removed by start-up recovery (temporary files, orphaned chunk files).
     pub const RECOVERY_REMOVED_TOTAL: &str = "peervault_blob_recovery_removed_total";
+    /// Writes refused because the volume is full (ENOSPC, EDQUOT or below `--volume-reserve`).
+    pub const VOLUME_FULL_TOTAL: &str = "peervault_blob_volume_full_total";
+    /// Tombstones removed after `--tombstone-expiry`.
+    pub const TOMBSTONES_EXPIRED_TOTAL: &str = "peervault_blob_tombstones_expired_total";
+    /// Resumable upload sessions ended because a newer session took the upload id over.
+    pub const UPLOAD_SESSIONS_SUPERSEDED_TOTAL: &str = "peervault_blob_upload_sessions_superseded_total";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -64,6 +70,9 @@ pub mod names {
         UPLOADS_EXPIRED_TOTAL,
         ERRORS_TOTAL,
         RECOVERY_REMOVED_TOTAL,
+        VOLUME_FULL_TOTAL,
+        TOMBSTONES_EXPIRED_TOTAL,
+        UPLOAD_SESSIONS_SUPERSEDED_TOTAL,
     ];
 }
 
@@ -108,6 +117,12 @@ pub struct BlobMetrics {
     pub errors: IntCounterVec,
     /// See [`names::RECOVERY_REMOVED_TOTAL`].
     pub recovery_removed: IntCounterVec,
+    /// See [`names::VOLUME_FULL_TOTAL`].
+    pub volume_full: IntCounter,
+    /// See [`names::TOMBSTONES_EXPIRED_TOTAL`].
+    pub tombstones_expired: IntCounter,
+    /// See [`names::UPLOAD_SESSIONS_SUPERSEDED_TOTAL`].
+    pub sessions_superseded: IntCounter,
 }
 
 impl BlobMetrics {
@@ -155,6 +170,12 @@ impl BlobMetrics {
                 Opts::new(names::RECOVERY_REMOVED_TOTAL, "Leftovers removed by recovery, by kind."),
                 &["kind"],
             )?,
+            volume_full: IntCounter::new(names::VOLUME_FULL_TOTAL, "Writes refused because the volume is full.")?,
+            tombstones_expired: IntCounter::new(names::TOMBSTONES_EXPIRED_TOTAL, "Tombstones expired.")?,
+            sessions_superseded: IntCounter::new(
+                names::UPLOAD_SESSIONS_SUPERSEDED_TOTAL,
+                "Upload sessions ended by a newer session on the same upload id.",
+            )?,
         };
         if let Some(r) = registry {
             r.register(Box::new(m.bytes_written.clone()))?;
@@ -176,6 +197,9 @@ impl BlobMetrics {
             r.register(Box::new(m.uploads_expired.clone()))?;
             r.register(Box::new(m.errors.clone()))?;
             r.register(Box::new(m.recovery_removed.clone()))?;
+            r.register(Box::new(m.volume_full.clone()))?;
+            r.register(Box::new(m.tombstones_expired.clone()))?;
+            r.register(Box::new(m.sessions_superseded.clone()))?;
         }
         Ok(m)
     }

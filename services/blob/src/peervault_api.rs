@@ -123,23 +123,21 @@ impl PeerVaultService for PeerVaultApi {
         let limit = key_limit(&req);
         Ok(Response::new(
             self.files
-                .download_file_stream(&req.into_inner().key, limit.as_deref())?,
+                .download_file_stream(&req.into_inner().key, limit.as_deref())
+                .await?,
         ))
     }
 
     async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
-        let api = self.files.clone();
         let limit = key_limit(&req);
-        let req = req.into_inner();
-        let r = tokio::task::spawn_blocking(move || api.list_files_page(req, limit.as_deref()))
-            .await
-            .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
-        Ok(Response::new(r))
+        Ok(Response::new(self.files.list_files_any(req.into_inner(), limit).await?))
     }
 
     async fn get_file(&self, req: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
         let limit = key_limit(&req);
-        Ok(Response::new(self.files.get(&req.into_inner().key, limit.as_deref())?))
+        Ok(Response::new(
+            self.files.get(&req.into_inner().key, limit.as_deref()).await?,
+        ))
     }
 
     async fn delete_file(&self, req: Request<FileRequest>) -> Result<Response<DeleteFileResponse>, Status> {

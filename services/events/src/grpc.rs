@@ -214,6 +214,12 @@ impl EventService for EventApi {
     async fn publish(&self, req: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
         let events = req.into_inner().events;
         let n = events.len();
+        // This call's span (a batch of many requests' events) links to each event's span.
+        let links = peervault_runtime::telemetry::link_traceparents(
+            &tracing::Span::current(),
+            events.iter().map(|e| e.traceparent.as_str()),
+        );
+        tracing::debug!(events = n, links, "Publish");
         let published = self.core.publish(events).inspect_err(|e| {
             tracing::info!(error = %e, events = n, "Publish refused");
         })?;

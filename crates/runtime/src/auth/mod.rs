@@ -121,6 +121,9 @@ pub const ACCESS_TABLE: &[(&str, Access)] = &[
     ("/peervault.v1.ReplicationService/GetChunk", Internal),
     ("/peervault.v1.ReplicationService/PutRecord", Internal),
     ("/peervault.v1.ReplicationService/ListRecords", Internal),
+    ("/peervault.v1.ReplicationService/CommitRecord", Internal),
+    ("/peervault.v1.ReplicationService/GetRecord", Internal),
+    ("/peervault.v1.ReplicationService/Digests", Internal),
 ];
 
 /// The access rule for a path. Paths outside the protocol still need an authenticated caller

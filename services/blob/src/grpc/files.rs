@@ -10,8 +10,9 @@ use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 
 use super::{BlobApi, MAX_FRAME, check_key, key_limit, stream_range};
 use crate::{
+    cluster::{Replicas, Replicator},
     error::BlobError,
-    store::{Ingest, MetadataPatch, hex, now_ns, records::FileRec},
+    store::{FileQuery, Ingest, MetadataPatch, hex, now_ns, records::FileRec},
     validate,
 };
 
@@ -19,17 +20,69 @@ use crate::{
 const WRITE_QUEUE: usize = 2;
 
 /// The queue to an upload's writer thread and the thread's outcome.
-type WriterPipe = (mpsc::Sender<Bytes>, tokio::task::JoinHandle<Result<Ingest, BlobError>>);
+type WriterPipe = (
+    mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<Result<(Ingest, Option<Replicator>), BlobError>>,
+);
 
 /// Default and largest page of ListFiles.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// Furthest a page number may reach (page × page_size) in one call.
+const MAX_PAGE_REACH: u64 = 1_000_000;
 
 fn status(e: BlobError) -> Status {
     e.into()
 }
 
+/// Seconds since the epoch of the last volume-full alert (one a minute at most).
+static LAST_FULL_ALERT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl BlobApi {
+    /// Maps a store error to its status; a full volume also raises a `storage_alert` (at most
+    /// one a minute) so operators see it without reading logs.
+    pub(super) fn status(&self, e: BlobError) -> Status {
+        if e.is_volume_full() {
+            let now = (now_ns() / 1_000_000_000).max(0) as u64;
+            let last = LAST_FULL_ALERT.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 60
+                && LAST_FULL_ALERT
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::AcqRel,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                let stats = self.store.stats();
+                let message = format!("Volume full on {}: {e}", self.node_id);
+                self.events.publish(
+                    peervault_events_client::EventBuilder::new("alerts", "storage_alert")
+                        .data(serde_json::json!({
+                            "level": "critical",
+                            "type": "storage_alert",
+                            "metric": "volume_full",
+                            "value": stats.storage_used,
+                            "threshold": self.store.config().volume_reserve,
+                            "message": message,
+                            "node": self.node_id,
+                        }))
+                        .payload(peervault_proto::v1::event::Payload::Alert(peervault_proto::v1::Alert {
+                            level: "critical".into(),
+                            r#type: "storage_alert".into(),
+                            metric: "volume_full".into(),
+                            value: stats.storage_used as f64,
+                            threshold: self.store.config().volume_reserve as f64,
+                            message,
+                        }))
+                        .build(),
+                );
+            }
+        }
+        e.into()
+    }
+
     /// UploadFile: a client stream of contiguous chunks ending with `is_last`.
     pub async fn upload_file_stream(
         &self,
@@ -58,7 +111,9 @@ impl BlobApi {
             first.content_type.clone()
         };
         let metadata = first.metadata.clone();
-        let mut ingest = Some(self.store.ingest(None).map_err(status)?);
+        let mut ingest = Some(self.store.ingest(None).map_err(|e| self.status(e))?);
+        // Chunks stream to the file's other owners while the upload is received.
+        let mut repl = self.cluster.replicator(&key);
         let mut pipe: Option<WriterPipe> = None;
         let mut next = Some(first);
         let mut offset: i64 = 0;
@@ -112,21 +167,28 @@ impl BlobApi {
                 // A one-message object (the common small put): write it right here.
                 let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
                 let data = msg.data;
-                ing = tokio::task::spawn_blocking(move || ing.write(&data).map(|()| ing))
+                let span = tracing::debug_span!("chunk_write", bytes = data.len());
+                ing = tokio::task::spawn_blocking(move || span.in_scope(|| ing.write(&data).map(|()| ing)))
                     .await
                     .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                    .map_err(status)?;
+                    .map_err(|e| self.status(e))?;
                 ingest = Some(ing);
             } else {
                 // A stream: hash and write on a thread of its own so receiving (and TLS) goes on
                 // while the disk works; the small queue is the only buffering.
                 let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
                 let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+                let mut r = repl.take();
+                let span = tracing::debug_span!("chunk_writes");
                 let handle = tokio::task::spawn_blocking(move || {
+                    let _e = span.enter();
                     while let Some(data) = rx.blocking_recv() {
                         ing.write(&data)?;
+                        if let Some(r) = &mut r {
+                            r.forward(&mut ing)?;
+                        }
                     }
-                    Ok::<_, BlobError>(ing)
+                    Ok::<_, BlobError>((ing, r))
                 });
                 if tx.send(msg.data).await.is_err() {
                     pipe = Some((tx, handle));
@@ -137,11 +199,12 @@ impl BlobApi {
         }
         if let Some((tx, handle)) = pipe.take() {
             drop(tx);
-            let ing = handle
+            let (ing, r) = handle
                 .await
                 .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                .map_err(status)?;
+                .map_err(|e| self.status(e))?;
             ingest = Some(ing);
+            repl = r;
         }
         if !saw_last {
             return Err(Status::invalid_argument(
@@ -149,14 +212,15 @@ impl BlobApi {
             ));
         }
         let ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
-        let (finished, _) = tokio::task::spawn_blocking(move || ing.finish())
+        let span = tracing::debug_span!("finish");
+        let (finished, _) = tokio::task::spawn_blocking(move || span.in_scope(|| ing.finish()))
             .await
             .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-            .map_err(status)?;
+            .map_err(|e| self.status(e))?;
         if !expected_hash.is_empty() {
             let got = hex(&finished.blob.key);
             if !expected_hash.eq_ignore_ascii_case(&got) {
-                finished.discard(&self.store);
+                finished.discard();
                 return Err(Status::invalid_argument(format!(
                     "content hashes to {got} but expected_hash is {expected_hash} (BLAKE3, hex); nothing was stored"
                 )));
@@ -173,8 +237,13 @@ impl BlobApi {
             metadata,
             created_ns: now,
             updated_ns: now,
+            hlc: None,
         };
-        let (stored, _old) = self.store.put_file(rec, finished).await.map_err(status)?;
+        let (stored, replicas) = self
+            .cluster
+            .put_file(rec, finished, repl)
+            .await
+            .map_err(|e| self.status(e))?;
         self.store
             .metrics()
             .upload_duration
@@ -182,13 +251,16 @@ impl BlobApi {
             .observe(elapsed.as_secs_f64());
         tracing::info!(key = %stored.key, size = stored.size, hash = %hex(&stored.blob_key), "file stored");
         self.publish_file_event("file_uploaded", "upload", &stored);
-        Ok(self.file_response(&stored))
+        Ok(self.file_response_with(&stored, &replicas))
     }
 
     /// DownloadFile: the content as a stream of chunks with offsets, the last flagged.
-    pub fn download_file_stream(&self, key: &str, limit: Option<&str>) -> Result<BoxStream<FileChunk>, Status> {
+    pub async fn download_file_stream(&self, key: &str, limit: Option<&str>) -> Result<BoxStream<FileChunk>, Status> {
         validate::file_key(key).map_err(status)?;
         check_key(limit, key)?;
+        if !self.cluster.is_solo() {
+            return self.download_replicated(key).await;
+        }
         let (f, blob, small) = self.store.get_small_file(key).map_err(status)?;
         if let Some(data) = small {
             // Small objects come out of the index in one message: no task, no queue.
@@ -224,9 +296,63 @@ impl BlobApi {
         }))
     }
 
-    /// ListFiles.
-    pub fn list_files_page(&self, mut req: ListFilesRequest, limit: Option<&str>) -> Result<ListFilesResponse, Status> {
-        // A caller limited to a prefix sees only files under it.
+    /// DownloadFile when there are other members: the newest record from a majority, content
+    /// local-first with failover.
+    async fn download_replicated(&self, key: &str) -> Result<BoxStream<FileChunk>, Status> {
+        let (rec, small) = self.cluster.open_download(key).await.map_err(status)?;
+        if let Some(data) = small.filter(|d| d.len() as i64 == rec.size) {
+            let msg = FileChunk {
+                file_key: rec.key,
+                data,
+                offset: 0,
+                is_last: true,
+                checksum: hex(&rec.blob_key),
+                ..Default::default()
+            };
+            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        }
+        if rec.size == 0 {
+            let msg = FileChunk {
+                file_key: rec.key,
+                is_last: true,
+                ..Default::default()
+            };
+            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        }
+        let key = rec.key.clone();
+        Ok(self
+            .cluster
+            .stream_content(rec, move |offset, data, last, whole| FileChunk {
+                file_key: key.clone(),
+                data,
+                offset: offset as i64,
+                is_last: last,
+                checksum: whole.map(|h| hex(&h)).unwrap_or_default(),
+                ..Default::default()
+            }))
+    }
+
+    /// ListFiles on this pod or, with other members, across the whole store.
+    pub async fn list_files_any(
+        &self,
+        req: ListFilesRequest,
+        limit: Option<String>,
+    ) -> Result<ListFilesResponse, Status> {
+        if !self.cluster.is_solo() {
+            return self.list_replicated(req, limit.as_deref()).await;
+        }
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || api.list_files_page(req, limit.as_deref()))
+            .await
+            .map_err(|e| Status::internal(format!("list task failed: {e}")))?
+    }
+
+    /// ListFiles merged across every member: newest record per key, tombstones left out.
+    async fn list_replicated(
+        &self,
+        mut req: ListFilesRequest,
+        limit: Option<&str>,
+    ) -> Result<ListFilesResponse, Status> {
         if let Some(p) = limit {
             if p.starts_with(req.prefix.as_str()) {
                 req.prefix = p.to_string();
@@ -247,41 +373,98 @@ impl BlobApi {
         } else {
             Some(decode_token(&req.page_token)?)
         };
-        let mut after = after;
-        // The published API pages by number; tokens are cheaper, numbers still work.
-        if after.is_none() && req.page > 1 {
-            let skip = (req.page as usize - 1).saturating_mul(size);
-            let (skipped, _) = self.store.list_files(&req.prefix, None, skip).map_err(status)?;
-            if skipped.len() < skip {
-                return Ok(ListFilesResponse {
-                    files: vec![],
-                    total: self.store.count_files(&req.prefix).map_err(status)? as i32,
-                    page: req.page,
-                    page_size: size as i32,
-                    next_page_token: String::new(),
-                });
-            }
-            after = skipped.last().map(|f| f.key.clone());
-        }
-        let (files, more) = self
-            .store
-            .list_files(&req.prefix, after.as_deref(), size)
+        let skip = if after.is_none() && req.page > 1 {
+            (req.page as usize - 1).saturating_mul(size)
+        } else {
+            0
+        };
+        let (records, more, _) = self
+            .cluster
+            .list_merged(&req.prefix, after.as_deref(), skip, size, &req.filter, false)
+            .await
             .map_err(status)?;
-        let files: Vec<_> = files
-            .into_iter()
-            .filter(|f| req.filter.is_empty() || f.key.contains(&req.filter))
-            .collect();
+        let (_, _, total) = self
+            .cluster
+            .list_merged(&req.prefix, None, 0, 0, "", true)
+            .await
+            .map_err(status)?;
+        let files: Vec<FileRec> = records.iter().map(crate::store::replica::file_rec).collect();
         let next = if more {
             files.last().map(|f| encode_token(&f.key)).unwrap_or_default()
         } else {
             String::new()
         };
         Ok(ListFilesResponse {
-            total: self
-                .store
-                .count_files(&req.prefix)
-                .map_err(status)?
-                .min(i32::MAX as u64) as i32,
+            total: total.min(i32::MAX as u64) as i32,
+            page: req.page.max(1),
+            page_size: size as i32,
+            files: files.iter().map(|f| self.file_response(f)).collect(),
+            next_page_token: next,
+        })
+    }
+
+    /// ListFiles.
+    pub fn list_files_page(&self, mut req: ListFilesRequest, limit: Option<&str>) -> Result<ListFilesResponse, Status> {
+        // A caller limited to a prefix sees only files under it.
+        if let Some(p) = limit {
+            if p.starts_with(req.prefix.as_str()) {
+                req.prefix = p.to_string();
+            } else if !req.prefix.starts_with(p) {
+                return Ok(ListFilesResponse {
+                    page: req.page.max(1),
+                    page_size: req.page_size,
+                    ..Default::default()
+                });
+            }
+        }
+        let size = match req.page_size {
+            n if n <= 0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let q = FileQuery {
+            prefix: &req.prefix,
+            filter: &req.filter,
+        };
+        let page = req.page.max(1) as u64;
+        let after = if !req.page_token.is_empty() {
+            Some(decode_token(&req.page_token)?)
+        } else if page > 1 {
+            // The published API pages by number; tokens are cheaper, numbers still work, up to
+            // a bound on how far one call may skip.
+            if page.saturating_mul(size as u64) > MAX_PAGE_REACH {
+                return Err(Status::invalid_argument(format!(
+                    "page {page} × page_size {size} reaches past {MAX_PAGE_REACH} files: page with next_page_token instead"
+                )));
+            }
+            match self.store.page_start(&q, size, page).map_err(status)? {
+                Some(a) => a,
+                None => {
+                    return Ok(ListFilesResponse {
+                        files: vec![],
+                        total: self.store.count_query(&q).map_err(status)?.min(i32::MAX as u64) as i32,
+                        page: req.page,
+                        page_size: size as i32,
+                        next_page_token: String::new(),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        let (files, more) = self.store.query_files(&q, after.as_deref(), size).map_err(status)?;
+        let next = if more {
+            files.last().map(|f| encode_token(&f.key)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        if more
+            && req.page_token.is_empty()
+            && let Some(last) = files.last()
+        {
+            self.store.remember_page_end(&q, size, page, &last.key);
+        }
+        Ok(ListFilesResponse {
+            total: self.store.count_query(&q).map_err(status)?.min(i32::MAX as u64) as i32,
             page: req.page.max(1),
             page_size: size as i32,
             files: files.iter().map(|f| self.file_response(f)).collect(),
@@ -311,16 +494,16 @@ impl BlobApi {
             name: req.name,
             content_type: req.content_type,
         };
-        let f = self.store.update_file(&req.key, patch).await.map_err(status)?;
+        let (f, replicas) = self.cluster.update_file(&req.key, patch).await.map_err(status)?;
         self.publish_file_event("file_updated", "update", &f);
-        Ok(self.file_response(&f))
+        Ok(self.file_response_with(&f, &replicas))
     }
 
     /// DeleteFile.
     pub async fn delete(&self, key: &str, limit: Option<&str>) -> Result<DeleteFileResponse, Status> {
         validate::file_key(key).map_err(status)?;
         check_key(limit, key)?;
-        let f = self.store.delete_file(key).await.map_err(status)?;
+        let f = self.cluster.delete_file(key).await.map_err(status)?;
         tracing::info!(key = %key, "file deleted");
         self.publish_file_event("file_deleted", "delete", &f);
         Ok(DeleteFileResponse {
@@ -330,11 +513,11 @@ impl BlobApi {
     }
 
     /// GetFile.
-    pub fn get(&self, key: &str, limit: Option<&str>) -> Result<FileResponse, Status> {
+    pub async fn get(&self, key: &str, limit: Option<&str>) -> Result<FileResponse, Status> {
         validate::file_key(key).map_err(status)?;
         check_key(limit, key)?;
-        let f = self.store.get_file(key).map_err(status)?;
-        Ok(self.file_response(&f))
+        let (f, replicas): (FileRec, Replicas) = self.cluster.get_file(key).await.map_err(status)?;
+        Ok(self.file_response_with(&f, &replicas))
     }
 }
 
@@ -377,23 +560,19 @@ impl FileService for BlobApi {
     async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
         let limit = key_limit(&req);
         Ok(Response::new(
-            self.download_file_stream(&req.into_inner().key, limit.as_deref())?,
+            self.download_file_stream(&req.into_inner().key, limit.as_deref())
+                .await?,
         ))
     }
 
     async fn list_files(&self, req: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
-        let api = self.clone();
         let limit = key_limit(&req);
-        let req = req.into_inner();
-        let r = tokio::task::spawn_blocking(move || api.list_files_page(req, limit.as_deref()))
-            .await
-            .map_err(|e| Status::internal(format!("list task failed: {e}")))??;
-        Ok(Response::new(r))
+        Ok(Response::new(self.list_files_any(req.into_inner(), limit).await?))
     }
 
     async fn get_file(&self, req: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
         let limit = key_limit(&req);
-        Ok(Response::new(self.get(&req.into_inner().key, limit.as_deref())?))
+        Ok(Response::new(self.get(&req.into_inner().key, limit.as_deref()).await?))
     }
 
     async fn delete_file(&self, req: Request<FileRequest>) -> Result<Response<DeleteFileResponse>, Status> {

@@ -4,6 +4,7 @@
 pub mod auth;
 mod blobs;
 mod files;
+pub mod replication;
 mod upload;
 
 use std::{net::SocketAddr, time::Duration};
@@ -26,6 +27,7 @@ const STREAM_BUFFER: usize = 2;
 #[derive(Clone)]
 pub struct BlobApi {
     store: Store,
+    cluster: crate::cluster::Cluster,
     events: EventPublisher,
     node_id: String,
     grpc_addr: SocketAddr,
@@ -33,9 +35,16 @@ pub struct BlobApi {
 
 impl BlobApi {
     /// Serves `store`, announcing changes through `events`.
-    pub fn new(store: Store, events: EventPublisher, node_id: String, grpc_addr: SocketAddr) -> Self {
+    pub fn new(
+        store: Store,
+        events: EventPublisher,
+        node_id: String,
+        grpc_addr: SocketAddr,
+        cluster: crate::cluster::Cluster,
+    ) -> Self {
         BlobApi {
             store,
+            cluster,
             events,
             node_id,
             grpc_addr,
@@ -45,6 +54,25 @@ impl BlobApi {
     /// The store behind the API.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The response for `f` with the replicas a coordinated call reported (none: this pod).
+    fn file_response_with(&self, f: &FileRec, replicas: &crate::cluster::Replicas) -> FileResponse {
+        let mut r = self.file_response(f);
+        if !replicas.is_empty() {
+            let layout = self.cluster.layout();
+            r.replicas = replicas
+                .iter()
+                .map(|(id, st)| FileReplica {
+                    peer_id: id.clone(),
+                    status: st.as_str().into(),
+                    created_at: r.created_at,
+                    address: layout.peers.get(id).map(|p| p.endpoint.clone()).unwrap_or_default(),
+                    updated_at: r.updated_at,
+                })
+                .collect();
+        }
+        r
     }
 
     fn file_response(&self, f: &FileRec) -> FileResponse {

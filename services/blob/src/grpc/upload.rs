@@ -12,10 +12,12 @@ use peervault_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
+use tracing::Instrument;
 
 use super::BlobApi;
 use crate::{
-    store::{Ingest, hex, now_ns},
+    error::BlobError,
+    store::{Durable, Ingest, hex, now_ns},
     validate,
 };
 
@@ -50,20 +52,20 @@ fn expected_hash(raw: &Bytes) -> Result<Option<[u8; 32]>, Status> {
 /// many bytes are pending; when the client pauses, at once.
 const ACK_EVERY: u64 = 8 * 1024 * 1024;
 
-async fn write(ing: Ingest, data: Bytes) -> Result<Ingest, Status> {
+async fn write(ing: Ingest, data: Bytes) -> Result<Ingest, BlobError> {
     let mut ing = ing;
-    tokio::task::spawn_blocking(move || ing.write(&data).map(|()| ing))
+    let span = tracing::debug_span!("chunk_write", bytes = data.len());
+    tokio::task::spawn_blocking(move || span.in_scope(|| ing.write(&data).map(|()| ing)))
         .await
-        .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-        .map_err(Status::from)
+        .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))?
 }
 
-async fn make_durable(ing: Ingest) -> Result<(Ingest, Vec<crate::store::ChunkMeta>), Status> {
+async fn make_durable(ing: Ingest) -> Result<(Ingest, Durable), BlobError> {
     let mut ing = ing;
-    tokio::task::spawn_blocking(move || ing.make_durable().map(|done| (ing, done)))
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| ing.make_durable().map(|done| (ing, done))))
         .await
-        .map_err(|e| Status::internal(format!("sync task failed: {e}")))?
-        .map_err(Status::from)
+        .map_err(|e| BlobError::Unavailable(format!("sync task failed: {e}")))?
 }
 
 impl BlobApi {
@@ -89,31 +91,31 @@ impl BlobApi {
         }
         validate::metadata(&start.attributes).map_err(Status::from)?;
         let store = self.store.clone();
-        let (id, mut ingest) = if start.upload_id.is_empty() {
+        let (id, session, attributes, mut ingest) = if start.upload_id.is_empty() {
             let id = new_upload_id(&self.node_id);
             let declared = (start.total_size > 0).then_some(start.total_size as u64);
-            let ing = store.ingest(declared).map_err(Status::from)?;
-            store
+            let ing = store.ingest(declared).map_err(|e| self.status(e))?;
+            let session = store
                 .create_upload(&id, start.total_size as u64, start.attributes.clone())
                 .await
-                .map_err(Status::from)?;
+                .map_err(|e| self.status(e))?;
             tracing::info!(upload_id = %id, total_size = start.total_size, "upload started");
-            (id, ing)
+            (id, session, start.attributes.clone(), ing)
         } else {
             let id = start.upload_id.clone();
-            let rec = store.get_upload(&id).map_err(Status::from)?;
+            // This stream becomes the upload's one live session: an older stream still running
+            // on the same id is refused from its next append on.
+            let (rec, rows) = store.claim_upload(&id).await.map_err(|e| self.status(e))?;
             let s = store.clone();
-            let ing = tokio::task::spawn_blocking(move || s.resume_ingest(&rec))
+            let total = rec.total_size;
+            let ing = tokio::task::spawn_blocking(move || s.resume_ingest(total, &rows))
                 .await
                 .map_err(|e| Status::internal(format!("resume task failed: {e}")))?
-                .map_err(Status::from)?;
-            tracing::info!(upload_id = %id, received = ing.len(), "upload resumed");
-            (id, ing)
+                .map_err(|e| self.status(e))?;
+            tracing::info!(upload_id = %id, session = rec.session, received = ing.len(), "upload resumed");
+            (id, rec.session, rec.attributes, ing)
         };
-        let attributes = match store.get_upload(&id) {
-            Ok(r) => r.attributes,
-            Err(e) => return Err(e.into()),
-        };
+        tracing::Span::current().record("upload_id", id.as_str());
         if out.send(ack(&id, ingest.len())).await.is_err() {
             return Ok(());
         }
@@ -140,7 +142,7 @@ impl BlobApi {
                 Some(In::Chunk(c)) => {
                     let at = ingest.len();
                     if c.offset < 0 || c.offset as u64 != at {
-                        let _ = store.abort_upload(&id).await;
+                        let _ = store.abort_upload(&id, Some(session)).await;
                         return Err(Status::invalid_argument(format!(
                             "chunk offset {} but {at} bytes were received: offsets must be contiguous ({}); the upload was abandoned",
                             c.offset,
@@ -150,8 +152,8 @@ impl BlobApi {
                     ingest = match write(ingest, c.data).await {
                         Ok(x) => x,
                         Err(e) => {
-                            let _ = store.abort_upload(&id).await;
-                            return Err(e);
+                            let _ = store.abort_upload(&id, Some(session)).await;
+                            return Err(self.status(e));
                         }
                     };
                     if ingest.pending_bytes() == 0 {
@@ -164,10 +166,19 @@ impl BlobApi {
                             continue;
                         }
                     }
-                    let (ing, done) = make_durable(ingest).await?;
+                    let (ing, done) = make_durable(ingest).await.map_err(|e| self.status(e))?;
                     ingest = ing;
                     if !done.is_empty() {
-                        let received = store.append_upload(&id, done.clone()).await.map_err(Status::from)?;
+                        let received = match store.append_upload(&id, session, &done).await {
+                            Ok(n) => n,
+                            Err(e) => {
+                                if matches!(e, BlobError::Aborted(_)) {
+                                    store.metrics().sessions_superseded.inc();
+                                    tracing::info!(upload_id = %id, session, error = %e, "upload session superseded; stream ended");
+                                }
+                                return Err(self.status(e));
+                            }
+                        };
                         ingest.committed(&done);
                         if out.send(ack(&id, received)).await.is_err() {
                             return Ok(());
@@ -178,26 +189,27 @@ impl BlobApi {
                     let expected = match expected_hash(&c.expected_hash) {
                         Ok(e) => e,
                         Err(e) => {
-                            let _ = store.abort_upload(&id).await;
+                            let _ = store.abort_upload(&id, Some(session)).await;
                             return Err(e);
                         }
                     };
-                    let finished = tokio::task::spawn_blocking(move || ingest.finish())
+                    let span = tracing::debug_span!("finish");
+                    let finished = tokio::task::spawn_blocking(move || span.in_scope(|| ingest.finish()))
                         .await
                         .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
                     let (mut finished, _) = match finished {
                         Ok(f) => f,
                         Err(e) => {
-                            let _ = store.abort_upload(&id).await;
-                            return Err(e.into());
+                            let _ = store.abort_upload(&id, Some(session)).await;
+                            return Err(self.status(e));
                         }
                     };
                     if let Some(want) = expected
                         && want != finished.blob.key
                     {
                         let got = hex(&finished.blob.key);
-                        finished.discard(&store);
-                        let _ = store.abort_upload(&id).await;
+                        finished.discard();
+                        let _ = store.abort_upload(&id, Some(session)).await;
                         return Err(Status::invalid_argument(format!(
                             "content hashes to {got} but expected_hash is {}; nothing was stored",
                             hex(&want)
@@ -212,7 +224,10 @@ impl BlobApi {
                     let elapsed = finished.elapsed();
                     let key = finished.blob.key;
                     let size = finished.blob.size;
-                    store.complete_upload(&id, finished).await.map_err(Status::from)?;
+                    store
+                        .complete_upload(&id, session, finished)
+                        .await
+                        .map_err(|e| self.status(e))?;
                     store
                         .metrics()
                         .upload_duration
@@ -233,11 +248,11 @@ impl BlobApi {
                 }
                 Some(In::Ack(_)) => {} // acknowledgements flow server → client; ignore echoes
                 Some(In::Start(_)) => {
-                    let _ = store.abort_upload(&id).await;
+                    let _ = store.abort_upload(&id, Some(session)).await;
                     return Err(Status::invalid_argument("a second `start` in one upload stream"));
                 }
                 None => {
-                    let _ = store.abort_upload(&id).await;
+                    let _ = store.abort_upload(&id, Some(session)).await;
                     return Err(Status::invalid_argument("an upload message with no content"));
                 }
             }
@@ -255,11 +270,15 @@ impl UploadService for BlobApi {
         let input = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let api = self.clone();
-        tokio::spawn(async move {
-            if let Err(status) = api.upload_session(input, &tx).await {
-                let _ = tx.send(Err(status)).await;
+        let span = tracing::info_span!("upload_session", upload_id = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                if let Err(status) = api.upload_session(input, &tx).await {
+                    let _ = tx.send(Err(status)).await;
+                }
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

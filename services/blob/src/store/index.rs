@@ -9,10 +9,10 @@ use std::{
 
 use bytes::Bytes;
 use prost::Message;
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use super::records::{BlobRec, ChunkRec, FileRec, Tombstone, UploadRec};
+use super::records::{BlobRec, ChunkRec, FileRec, Tombstone, UploadChunkRec, UploadRec, decode};
 use crate::error::{BlobError, Result};
 
 pub(crate) const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
@@ -23,6 +23,55 @@ pub(crate) const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("u
 pub(crate) const TOMBSTONES: TableDefinition<&str, &[u8]> = TableDefinition::new("tombstones");
 /// Chunks whose reference count reached zero, with the time it did (ns since the epoch).
 pub(crate) const GC: TableDefinition<&[u8], i64> = TableDefinition::new("gc_queue");
+/// The GC queue in time order: (time, hash) → (), so a pass reads only what is due.
+pub(crate) const GC_BY_TIME: TableDefinition<&[u8], ()> = TableDefinition::new("gc_by_time");
+/// A resumable upload's durable chunks, one row each: `{id}/{index:016x}` → [`UploadChunkRec`].
+pub(crate) const UPLOAD_CHUNKS: TableDefinition<&str, &[u8]> = TableDefinition::new("upload_chunks");
+/// Uploads by last progress: (time, id) → (), for expiry without decoding every upload.
+pub(crate) const UPLOADS_BY_TIME: TableDefinition<&[u8], ()> = TableDefinition::new("uploads_by_time");
+/// Tombstones by deletion time: (time, key) → (), for expiry.
+pub(crate) const TOMBSTONES_BY_TIME: TableDefinition<&[u8], ()> = TableDefinition::new("tombstones_by_time");
+
+/// Most chunk entries one GC pass collects (one write transaction stays short).
+pub(crate) const GC_BATCH: usize = 2048;
+/// Most uploads one pass expires.
+pub(crate) const EXPIRE_BATCH: usize = 64;
+/// Most tombstones one pass expires.
+pub(crate) const TOMBSTONE_BATCH: usize = 2048;
+
+/// A key of a time-ordered table: big-endian time first, then the item.
+pub(crate) fn time_key(ns: i64, item: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + item.len());
+    k.extend_from_slice(&(ns.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(item);
+    k
+}
+
+fn split_time_key(k: &[u8]) -> Option<(i64, &[u8])> {
+    let (t, item) = k.split_at_checked(8)?;
+    let t = u64::from_be_bytes(t.try_into().ok()?);
+    Some((t.min(i64::MAX as u64) as i64, item))
+}
+
+/// The key of an upload's chunk row.
+pub(crate) fn upload_chunk_key(id: &str, index: u64) -> String {
+    format!("{id}/{index:016x}")
+}
+
+/// Every chunk row of an upload, in order.
+pub(crate) fn upload_rows<T: ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    id: &str,
+) -> Result<Vec<UploadChunkRec>> {
+    let lo = format!("{id}/");
+    let hi = format!("{id}0"); // '0' follows '/'
+    let mut out = Vec::new();
+    for e in t.range(lo.as_str()..hi.as_str())? {
+        let (_, v) = e?;
+        out.push(decode("upload chunk", v.value())?);
+    }
+    Ok(out)
+}
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Counters kept in [`META`].
@@ -32,6 +81,8 @@ pub(crate) mod meta {
     pub const FILE_COUNT: &str = "file_count";
     pub const BLOB_COUNT: &str = "blob_count";
     pub const CHUNK_COUNT: &str = "chunk_count";
+    /// Bumped whenever the set of file keys changes (cached list counts key on it).
+    pub const FILE_GEN: &str = "file_gen";
 }
 
 /// One chunk of new content.
@@ -98,29 +149,50 @@ pub(crate) enum Op {
         id: String,
         rec: UploadRec,
     },
+    /// Makes the caller the upload's live session and returns its record and chunk rows.
+    ClaimUpload {
+        id: String,
+        now_ns: i64,
+    },
+    /// Records durable chunks, starting at `offset`, for the live `session` only.
     AppendUpload {
         id: String,
-        chunk: ChunkMeta,
+        session: u64,
+        offset: u64,
+        chunks: Vec<(ChunkMeta, [u8; 32])>,
         now_ns: i64,
     },
     CompleteUpload {
         id: String,
+        session: u64,
         blob: NewBlob,
         now_ns: i64,
     },
     AbortUpload {
         id: String,
+        /// `None`: whatever session; else only if it is still the live one.
+        session: Option<u64>,
         now_ns: i64,
     },
     Gc {
         now_ns: i64,
         grace_ns: i64,
         expiry_ns: i64,
+        tombstone_expiry_ns: i64,
         pinned: HashSet<[u8; 32]>,
     },
+    /// An operation composed elsewhere in the store (replica: apply a record if newer) from
+    /// [`apply`] and the tables, committed in the same batches as everything else.
+    Custom(CustomOp),
 }
 
+/// The body of [`Op::Custom`].
+pub(crate) type CustomOp = Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>;
+
 /// What an operation answers.
+// A reply lives for one commit on its way back to one caller: boxing would cost more than the
+// size difference does.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Reply {
     /// The file as stored now, and the one it replaced.
@@ -133,26 +205,29 @@ pub(crate) enum Reply {
     Freed(u64),
     /// Durable bytes of an upload.
     Received(u64),
+    /// An upload claimed by a new session.
+    Claimed(UploadRec, Vec<UploadChunkRec>),
     /// Collected chunk files to unlink (hash, bytes), and uploads expired.
     Collected {
         files: Vec<([u8; 32], u64)>,
         inline: usize,
         bytes: u64,
         expired: usize,
+        tombstones: usize,
+        /// Whether any queue had more due than one pass takes.
+        more: bool,
     },
+    /// A replicated record: whether it was applied, and the live file it replaced.
+    Applied(bool, Option<FileRec>),
     Done,
 }
-
-/// A job's reply channel and its outcome, sent once the batch has committed.
-type Answer = (oneshot::Sender<Result<Reply>>, Result<Reply>);
 
 pub(crate) struct Job {
     pub op: Op,
     pub reply: oneshot::Sender<Result<Reply>>,
-}
-
-fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M> {
-    M::decode(bytes).map_err(|e| BlobError::Corrupt(format!("{what}: {e}")))
+    /// Content the operation references: released by the committer once the outcome is known,
+    /// so a caller that goes away mid-commit cannot release (and delete) what just committed.
+    pub content: Option<super::Finished>,
 }
 
 fn meta_add(txn: &WriteTransaction, name: &str, delta: i64) -> Result<()> {
@@ -175,7 +250,7 @@ fn chunk_ref(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
         Some(bytes) => {
             let mut rec: ChunkRec = decode("chunk", &bytes)?;
             if rec.refs == 0 {
-                txn.open_table(GC)?.remove(&c.hash[..])?;
+                gc_dequeue(txn, &c.hash)?;
             }
             rec.refs += 1;
             chunks.insert(&c.hash[..], rec.encode_to_vec().as_slice())?;
@@ -209,7 +284,42 @@ fn chunk_unref(txn: &WriteTransaction, hash: &[u8], now_ns: i64) -> Result<()> {
     chunks.insert(hash, rec.encode_to_vec().as_slice())?;
     if rec.refs == 0 {
         txn.open_table(GC)?.insert(hash, now_ns)?;
+        txn.open_table(GC_BY_TIME)?
+            .insert(time_key(now_ns, hash).as_slice(), ())?;
     }
+    Ok(())
+}
+
+/// Takes a chunk out of the GC queue (a new reference revived it).
+fn gc_dequeue(txn: &WriteTransaction, hash: &[u8]) -> Result<()> {
+    let since = txn.open_table(GC)?.remove(hash)?.map(|v| v.value());
+    if let Some(t) = since {
+        txn.open_table(GC_BY_TIME)?.remove(time_key(t, hash).as_slice())?;
+    }
+    Ok(())
+}
+
+/// Removes a tombstone and its time-index entry.
+fn tombstone_remove(txn: &WriteTransaction, key: &str) -> Result<()> {
+    let old = txn.open_table(TOMBSTONES)?.remove(key)?.map(|v| v.value().to_vec());
+    if let Some(old) = old {
+        let t: Tombstone = decode("tombstone", &old)?;
+        txn.open_table(TOMBSTONES_BY_TIME)?
+            .remove(time_key(t.deleted_ns, key.as_bytes()).as_slice())?;
+    }
+    Ok(())
+}
+
+/// Stores an upload record and keeps its time-index entry in step (`prev_ns`: the time it
+/// was indexed under before, if any).
+fn upload_put(txn: &WriteTransaction, id: &str, rec: &UploadRec, prev_ns: Option<i64>) -> Result<()> {
+    if let Some(p) = prev_ns {
+        txn.open_table(UPLOADS_BY_TIME)?
+            .remove(time_key(p, id.as_bytes()).as_slice())?;
+    }
+    txn.open_table(UPLOADS_BY_TIME)?
+        .insert(time_key(rec.updated_ns, id.as_bytes()).as_slice(), ())?;
+    txn.open_table(UPLOADS)?.insert(id, rec.encode_to_vec().as_slice())?;
     Ok(())
 }
 
@@ -294,18 +404,42 @@ fn get_upload(txn: &WriteTransaction, id: &str) -> Result<UploadRec> {
     }
 }
 
-fn release_upload(txn: &WriteTransaction, id: &str, rec: &UploadRec, now_ns: i64) -> Result<()> {
-    for h in &rec.chunk_hashes {
-        chunk_unref(txn, h, now_ns)?;
+/// A superseded session's refusal.
+fn stale(id: &str) -> BlobError {
+    BlobError::Aborted(format!(
+        "upload '{id}' was resumed by a newer stream; this stream is no longer its session"
+    ))
+}
+
+/// Removes an upload: its record, time-index entry and chunk rows, and (unless
+/// `keep_refs`, when a completed blob takes them over) its chunk references.
+fn remove_upload(txn: &WriteTransaction, id: &str, rec: &UploadRec, keep_refs: bool, now_ns: i64) -> Result<()> {
+    let rows = upload_rows(&txn.open_table(UPLOAD_CHUNKS)?, id)?;
+    if !keep_refs {
+        for h in &rec.chunk_hashes {
+            chunk_unref(txn, h, now_ns)?;
+        }
+        for r in &rows {
+            chunk_unref(txn, &r.hash, now_ns)?;
+        }
     }
+    {
+        let mut t = txn.open_table(UPLOAD_CHUNKS)?;
+        for i in 0..rows.len() as u64 {
+            t.remove(upload_chunk_key(id, i).as_str())?;
+        }
+    }
+    txn.open_table(UPLOADS_BY_TIME)?
+        .remove(time_key(rec.updated_ns, id.as_bytes()).as_slice())?;
     txn.open_table(UPLOADS)?.remove(id)?;
     Ok(())
 }
 
 /// Applies one operation. Operations check before they change anything, so a refused one
 /// leaves the transaction as it was and the others in the batch still commit.
-fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
+pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
     match op {
+        Op::Custom(f) => f(txn),
         Op::PutFile { rec, blob } => {
             let old = txn
                 .open_table(FILES)?
@@ -323,10 +457,11 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 meta_add(txn, meta::LOGICAL_BYTES, -(o.size as i64))?;
             } else {
                 meta_add(txn, meta::FILE_COUNT, 1)?;
+                meta_add(txn, meta::FILE_GEN, 1)?;
             }
             txn.open_table(FILES)?
                 .insert(rec.key.as_str(), rec.encode_to_vec().as_slice())?;
-            txn.open_table(TOMBSTONES)?.remove(rec.key.as_str())?;
+            tombstone_remove(txn, &rec.key)?;
             Ok(Reply::File(rec, old))
         }
         Op::DeleteFile { key, now_ns } => {
@@ -338,13 +473,18 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             txn.open_table(FILES)?.remove(key.as_str())?;
             blob_unref_file(txn, &old.blob_key, now_ns)?;
             meta_add(txn, meta::FILE_COUNT, -1)?;
+            meta_add(txn, meta::FILE_GEN, 1)?;
             meta_add(txn, meta::LOGICAL_BYTES, -(old.size as i64))?;
             let tomb = Tombstone {
                 deleted_ns: now_ns,
                 blob_key: old.blob_key.clone(),
+                hlc: None,
             };
+            tombstone_remove(txn, &key)?;
             txn.open_table(TOMBSTONES)?
                 .insert(key.as_str(), tomb.encode_to_vec().as_slice())?;
+            txn.open_table(TOMBSTONES_BY_TIME)?
+                .insert(time_key(now_ns, key.as_bytes()).as_slice(), ())?;
             Ok(Reply::Deleted(old))
         }
         Op::UpdateFile { key, patch, now_ns } => {
@@ -395,30 +535,95 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             Ok(Reply::Freed(blob_drop_if_unused(txn, &key, &rec, now_ns)?))
         }
         Op::CreateUpload { id, rec } => {
-            txn.open_table(UPLOADS)?
-                .insert(id.as_str(), rec.encode_to_vec().as_slice())?;
+            upload_put(txn, &id, &rec, None)?;
             Ok(Reply::Done)
         }
-        Op::AppendUpload { id, chunk, now_ns } => {
+        Op::ClaimUpload { id, now_ns } => {
             let mut rec = get_upload(txn, &id)?;
-            chunk_ref(txn, &chunk)?;
-            rec.chunk_hashes.push(chunk.hash.to_vec());
-            rec.chunk_sizes.push(chunk.size);
-            rec.received += chunk.size as u64;
+            if !rec.chunk_hashes.is_empty() {
+                return Err(BlobError::FailedPrecondition(format!(
+                    "upload '{id}' was recorded by an older version and cannot be resumed: start a new upload"
+                )));
+            }
+            let rows = upload_rows(&txn.open_table(UPLOAD_CHUNKS)?, &id)?;
+            if rows.len() as u64 != rec.chunk_count {
+                return Err(BlobError::Corrupt(format!(
+                    "upload '{id}' records {} chunks but has {} rows",
+                    rec.chunk_count,
+                    rows.len()
+                )));
+            }
+            let prev = rec.updated_ns;
+            rec.session += 1;
             rec.updated_ns = now_ns;
-            txn.open_table(UPLOADS)?
-                .insert(id.as_str(), rec.encode_to_vec().as_slice())?;
+            upload_put(txn, &id, &rec, Some(prev))?;
+            Ok(Reply::Claimed(rec, rows))
+        }
+        Op::AppendUpload {
+            id,
+            session,
+            offset,
+            chunks,
+            now_ns,
+        } => {
+            let mut rec = get_upload(txn, &id)?;
+            if rec.session != session {
+                return Err(stale(&id));
+            }
+            if rec.received != offset {
+                return Err(BlobError::Aborted(format!(
+                    "upload '{id}' has {} durable bytes but this append starts at {offset}",
+                    rec.received
+                )));
+            }
+            let prev = rec.updated_ns;
+            for (c, cv) in &chunks {
+                chunk_ref(txn, c)?;
+                let row = UploadChunkRec {
+                    hash: c.hash.to_vec(),
+                    size: c.size,
+                    cv: cv.to_vec(),
+                };
+                txn.open_table(UPLOAD_CHUNKS)?.insert(
+                    upload_chunk_key(&id, rec.chunk_count).as_str(),
+                    row.encode_to_vec().as_slice(),
+                )?;
+                rec.chunk_count += 1;
+                rec.received += c.size as u64;
+            }
+            rec.updated_ns = now_ns;
+            upload_put(txn, &id, &rec, Some(prev))?;
             Ok(Reply::Received(rec.received))
         }
-        Op::CompleteUpload { id, blob, now_ns } => {
+        Op::CompleteUpload {
+            id,
+            session,
+            blob,
+            now_ns,
+        } => {
             let rec = get_upload(txn, &id)?;
-            // The last (partial) chunk was not appended yet; everything before it was.
-            let appended = rec.chunk_hashes.len();
-            let last = &blob.chunks[appended..];
-            for c in last {
+            if rec.session != session {
+                return Err(stale(&id));
+            }
+            // The blob's chunks must start with exactly the recorded ones; the rest (the tail
+            // not appended yet) get their references here.
+            let rows = upload_rows(&txn.open_table(UPLOAD_CHUNKS)?, &id)?;
+            let matches = rows.len() <= blob.chunks.len()
+                && rows
+                    .iter()
+                    .zip(&blob.chunks)
+                    .all(|(r, c)| r.hash.as_slice() == c.hash.as_slice() && r.size == c.size);
+            if !matches || blob.size < rec.received {
+                return Err(BlobError::Aborted(format!(
+                    "upload '{id}' records {} chunks ({} bytes) that this completion does not start with",
+                    rows.len(),
+                    rec.received
+                )));
+            }
+            for c in blob.chunks.get(rows.len()..).unwrap_or_default() {
                 chunk_ref(txn, c)?;
             }
-            txn.open_table(UPLOADS)?.remove(id.as_str())?;
+            remove_upload(txn, &id, &rec, true, now_ns)?;
             let existing = txn.open_table(BLOBS)?.get(&blob.key[..])?.map(|v| v.value().to_vec());
             let out = match existing {
                 Some(bytes) => {
@@ -446,40 +651,92 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             };
             Ok(Reply::Blob(out))
         }
-        Op::AbortUpload { id, now_ns } => {
+        Op::AbortUpload { id, session, now_ns } => {
             let rec = get_upload(txn, &id)?;
-            release_upload(txn, &id, &rec, now_ns)?;
+            if session.is_some_and(|s| s != rec.session) {
+                return Err(stale(&id));
+            }
+            remove_upload(txn, &id, &rec, false, now_ns)?;
             Ok(Reply::Done)
         }
         Op::Gc {
             now_ns,
             grace_ns,
             expiry_ns,
+            tombstone_expiry_ns,
             pinned,
         } => {
-            // Expire abandoned uploads first so their chunks join this or a later collection.
-            let expired: Vec<(String, UploadRec)> = {
-                let t = txn.open_table(UPLOADS)?;
+            let mut more = false;
+            // Expire abandoned uploads first so their chunks join a later collection. Only
+            // the due ones are read, oldest first, a bounded number per pass.
+            let expired: Vec<String> = {
+                let t = txn.open_table(UPLOADS_BY_TIME)?;
                 let mut v = Vec::new();
                 for e in t.iter()? {
-                    let (k, val) = e?;
-                    let rec: UploadRec = decode("upload", val.value())?;
-                    if now_ns - rec.updated_ns > expiry_ns {
-                        v.push((k.value().to_string(), rec));
+                    let (k, _) = e?;
+                    let Some((at, id)) = split_time_key(k.value()) else {
+                        continue;
+                    };
+                    if now_ns.saturating_sub(at) <= expiry_ns {
+                        break;
                     }
+                    if v.len() == EXPIRE_BATCH {
+                        more = true;
+                        break;
+                    }
+                    v.push(String::from_utf8_lossy(id).into_owned());
                 }
                 v
             };
-            for (id, rec) in &expired {
-                release_upload(txn, id, rec, now_ns)?;
+            for id in &expired {
+                match get_upload(txn, id) {
+                    Ok(rec) => remove_upload(txn, id, &rec, false, now_ns)?,
+                    Err(BlobError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
-            let due: Vec<Vec<u8>> = {
-                let t = txn.open_table(GC)?;
+            // Tombstones past their expiry.
+            let tombs: Vec<(Vec<u8>, String)> = {
+                let t = txn.open_table(TOMBSTONES_BY_TIME)?;
                 let mut v = Vec::new();
                 for e in t.iter()? {
-                    let (k, since) = e?;
-                    if now_ns - since.value() > grace_ns {
-                        v.push(k.value().to_vec());
+                    let (k, _) = e?;
+                    let Some((at, key)) = split_time_key(k.value()) else {
+                        continue;
+                    };
+                    if now_ns.saturating_sub(at) <= tombstone_expiry_ns {
+                        break;
+                    }
+                    if v.len() == TOMBSTONE_BATCH {
+                        more = true;
+                        break;
+                    }
+                    v.push((k.value().to_vec(), String::from_utf8_lossy(key).into_owned()));
+                }
+                v
+            };
+            for (tk, key) in &tombs {
+                txn.open_table(TOMBSTONES_BY_TIME)?.remove(tk.as_slice())?;
+                txn.open_table(TOMBSTONES)?.remove(key.as_str())?;
+            }
+            // Chunks unreferenced for longer than the grace period, oldest first.
+            let due: Vec<(Vec<u8>, [u8; 32])> = {
+                let t = txn.open_table(GC_BY_TIME)?;
+                let mut v = Vec::new();
+                for e in t.iter()? {
+                    let (k, _) = e?;
+                    let Some((at, h)) = split_time_key(k.value()) else {
+                        continue;
+                    };
+                    if now_ns.saturating_sub(at) <= grace_ns {
+                        break;
+                    }
+                    if v.len() == GC_BATCH {
+                        more = true;
+                        break;
+                    }
+                    if let Ok(h) = <[u8; 32]>::try_from(h) {
+                        v.push((k.value().to_vec(), h));
                     }
                 }
                 v
@@ -487,15 +744,13 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             let mut files = Vec::new();
             let mut inline = 0;
             let mut bytes = 0u64;
-            for h in due {
-                let Ok(hash) = <[u8; 32]>::try_from(h.as_slice()) else {
-                    txn.open_table(GC)?.remove(h.as_slice())?;
-                    continue;
-                };
+            for (tk, hash) in due {
                 if pinned.contains(&hash) {
+                    // Being written or read: try again next pass (it stays queued).
                     continue;
                 }
                 let rec = txn.open_table(CHUNKS)?.get(&hash[..])?.map(|v| v.value().to_vec());
+                txn.open_table(GC_BY_TIME)?.remove(tk.as_slice())?;
                 txn.open_table(GC)?.remove(&hash[..])?;
                 let Some(rec) = rec else { continue };
                 let rec: ChunkRec = decode("chunk", &rec)?;
@@ -518,6 +773,8 @@ fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 inline,
                 bytes,
                 expired: expired.len(),
+                tombstones: tombs.len(),
+                more,
             })
         }
     }
@@ -531,6 +788,7 @@ pub(crate) struct Counters {
     pub files: u64,
     pub blobs: u64,
     pub chunks: u64,
+    pub file_gen: u64,
 }
 
 pub(crate) fn read_counters(db: &Database) -> Result<Counters> {
@@ -548,12 +806,13 @@ pub(crate) fn read_counters(db: &Database) -> Result<Counters> {
         files: get(meta::FILE_COUNT)?,
         blobs: get(meta::BLOB_COUNT)?,
         chunks: get(meta::CHUNK_COUNT)?,
+        file_gen: get(meta::FILE_GEN)?,
     })
 }
 
 /// Creates every table so read transactions never meet a missing one.
 pub(crate) fn init_tables(db: &Database) -> Result<()> {
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
     txn.open_table(FILES)?;
     txn.open_table(BLOBS)?;
     txn.open_table(CHUNKS)?;
@@ -561,23 +820,91 @@ pub(crate) fn init_tables(db: &Database) -> Result<()> {
     txn.open_table(UPLOADS)?;
     txn.open_table(TOMBSTONES)?;
     txn.open_table(GC)?;
+    txn.open_table(GC_BY_TIME)?;
+    txn.open_table(UPLOAD_CHUNKS)?;
+    txn.open_table(UPLOADS_BY_TIME)?;
+    txn.open_table(TOMBSTONES_BY_TIME)?;
     txn.open_table(META)?;
     txn.open_table(super::keys::API_KEYS)?;
     txn.open_table(super::keys::API_KEY_HASHES)?;
+    build_time_indexes(&txn)?;
+    txn.set_quick_repair(true);
     txn.commit()?;
+    Ok(())
+}
+
+/// An index written before the time-ordered tables existed gets them built once.
+fn build_time_indexes(txn: &WriteTransaction) -> Result<()> {
+    if txn.open_table(GC_BY_TIME)?.is_empty()? {
+        let entries: Vec<(Vec<u8>, i64)> = {
+            let t = txn.open_table(GC)?;
+            let mut v = Vec::new();
+            for e in t.iter()? {
+                let (k, at) = e?;
+                v.push((k.value().to_vec(), at.value()));
+            }
+            v
+        };
+        let mut t = txn.open_table(GC_BY_TIME)?;
+        for (h, at) in entries {
+            t.insert(time_key(at, &h).as_slice(), ())?;
+        }
+    }
+    if txn.open_table(UPLOADS_BY_TIME)?.is_empty()? {
+        let entries: Vec<(String, i64)> = {
+            let t = txn.open_table(UPLOADS)?;
+            let mut v = Vec::new();
+            for e in t.iter()? {
+                let (k, val) = e?;
+                let rec: UploadRec = decode("upload", val.value())?;
+                v.push((k.value().to_string(), rec.updated_ns));
+            }
+            v
+        };
+        let mut t = txn.open_table(UPLOADS_BY_TIME)?;
+        for (id, at) in entries {
+            t.insert(time_key(at, id.as_bytes()).as_slice(), ())?;
+        }
+    }
+    if txn.open_table(TOMBSTONES_BY_TIME)?.is_empty()? {
+        let entries: Vec<(String, i64)> = {
+            let t = txn.open_table(TOMBSTONES)?;
+            let mut v = Vec::new();
+            for e in t.iter()? {
+                let (k, val) = e?;
+                let rec: Tombstone = decode("tombstone", val.value())?;
+                v.push((k.value().to_string(), rec.deleted_ns));
+            }
+            v
+        };
+        let mut t = txn.open_table(TOMBSTONES_BY_TIME)?;
+        for (key, at) in entries {
+            t.insert(time_key(at, key.as_bytes()).as_slice(), ())?;
+        }
+    }
     Ok(())
 }
 
 /// Most operations folded into one transaction.
 const MAX_BATCH: usize = 256;
 
+/// What the committer thread needs from the store around each batch.
+pub(crate) struct CommitterHooks {
+    /// Sees the counters after each commit.
+    pub after_commit: Box<dyn Fn(Counters) + Send>,
+    /// Called before each batch (test builds stop or break the committer here).
+    pub before_batch: Box<dyn Fn() + Send>,
+    /// Called once if the committer panics; it then stops and never commits again.
+    pub on_fatal: Box<dyn Fn(String) + Send>,
+}
+
 /// Runs the committer on its own thread until every sender is gone. Each batch is one durable
-/// transaction; `after_commit` sees the counters after each one.
+/// transaction (quick-repair on, so a crash never needs a full repair at start-up).
 pub(crate) fn spawn_committer(
     db: Arc<Database>,
     mut rx: mpsc::Receiver<Job>,
     metrics: crate::metrics::BlobMetrics,
-    after_commit: impl Fn(Counters) + Send + 'static,
+    hooks: CommitterHooks,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("blob-committer".into())
@@ -593,38 +920,80 @@ pub(crate) fn spawn_committer(
                 }
                 let started = Instant::now();
                 metrics.commit_batch.observe(batch.len() as f64);
-                let outcome = (|| -> Result<Vec<Answer>> {
-                    let txn = db.begin_write()?;
-                    let mut replies = Vec::with_capacity(batch.len());
-                    for job in batch.drain(..) {
-                        match apply(&txn, job.op) {
+                let span = tracing::debug_span!("index_commit", ops = batch.len()).entered();
+                // A panic while applying a batch must not leave a process that looks healthy:
+                // the batch is refused, the committer stops, and the store reports it fatal.
+                let (ops, senders): (Vec<Op>, Vec<_>) = batch.drain(..).map(|j| (j.op, (j.reply, j.content))).unzip();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    (hooks.before_batch)();
+                    let mut txn = db.begin_write()?;
+                    txn.set_quick_repair(true);
+                    let mut results = Vec::with_capacity(ops.len());
+                    for op in ops {
+                        match apply(&txn, op) {
                             // Storage-level failures may strike half-way through an operation, so
                             // they abort the whole transaction; refusals change nothing and do not.
-                            Err(e @ (BlobError::Index(_) | BlobError::Corrupt(_) | BlobError::Io { .. })) => {
+                            Err(
+                                e @ (BlobError::Index(_)
+                                | BlobError::Corrupt(_)
+                                | BlobError::Io { .. }
+                                | BlobError::VolumeFull(_)),
+                            ) => {
                                 return Err(e);
                             }
-                            r => replies.push((job.reply, r)),
+                            r => results.push(r),
                         }
                     }
                     txn.commit()?;
-                    Ok(replies)
-                })();
+                    Ok::<Vec<Result<Reply>>, BlobError>(results)
+                }));
+                drop(span);
                 metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 match outcome {
-                    Ok(replies) => {
+                    Ok(Ok(results)) => {
                         // Counters first, so a caller that sees its reply also sees its effect.
                         match read_counters(&db) {
-                            Ok(c) => after_commit(c),
+                            Ok(c) => (hooks.after_commit)(c),
                             Err(e) => tracing::error!(error = %e, "cannot read index counters"),
                         }
-                        for (tx, r) in replies {
+                        for ((tx, content), r) in senders.into_iter().zip(results) {
+                            if let Some(mut c) = content {
+                                if r.is_ok() {
+                                    c.set_committed();
+                                }
+                                drop(c);
+                            }
                             let _ = tx.send(r);
                         }
                     }
-                    Err(e) => {
-                        // Every job of the batch sees its reply channel closed and answers UNAVAILABLE.
+                    Ok(Err(e)) => {
                         tracing::error!(error = %e, "index commit failed; the batch is refused");
-                        batch.clear();
+                        // Every job of the batch answers with the failure (a full volume is
+                        // RESOURCE_EXHAUSTED, anything else UNAVAILABLE).
+                        let full = e.is_volume_full();
+                        let msg = e.to_string();
+                        for (tx, content) in senders {
+                            drop(content);
+                            let r = if full {
+                                BlobError::VolumeFull(msg.clone())
+                            } else {
+                                BlobError::Unavailable(format!("index commit failed ({msg}); retry the request"))
+                            };
+                            let _ = tx.send(Err(r));
+                        }
+                    }
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!(panic = %what, "the index committer panicked; no further writes are accepted");
+                        // Fatal first: no caller hears of the failure before the process is on its
+                        // way out.
+                        (hooks.on_fatal)(what);
+                        drop(senders);
+                        return;
                     }
                 }
             }

@@ -70,7 +70,7 @@ fn random_token(bytes: usize) -> Result<String> {
 }
 
 fn decode(bytes: &[u8]) -> Result<ApiKeyRec> {
-    ApiKeyRec::decode(bytes).map_err(|e| BlobError::Corrupt(format!("api key: {e}")))
+    super::records::decode("api key", bytes)
 }
 
 impl Store {

@@ -3,6 +3,13 @@
 
 use std::collections::HashMap;
 
+use crate::error::{BlobError, Result};
+
+/// Decodes a stored record; a record that does not decode is a corrupt index (`what` names it).
+pub(crate) fn decode<M: prost::Message + Default>(what: &str, bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(|e| BlobError::Corrupt(format!("{what}: {e}")))
+}
+
 /// A file: a user key pointing at a blob, plus its descriptive fields.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct FileRec {
@@ -30,6 +37,25 @@ pub struct FileRec {
     /// Last change time, nanoseconds since the epoch.
     #[prost(int64, tag = "8")]
     pub updated_ns: i64,
+    /// Hybrid logical clock of the write that produced this record (replication: the newer
+    /// record wins). Unset (zero) on records written before replication existed.
+    #[prost(message, optional, tag = "9")]
+    pub hlc: Option<Hlc>,
+}
+
+/// A hybrid logical clock reading as stored in the index: ordered by physical time, then the
+/// logical counter, then the writing pod's id.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct Hlc {
+    /// Wall-clock milliseconds since the epoch.
+    #[prost(uint64, tag = "1")]
+    pub physical_ms: u64,
+    /// Counter within one millisecond.
+    #[prost(uint32, tag = "2")]
+    pub logical: u32,
+    /// Id of the pod that made the reading.
+    #[prost(string, tag = "3")]
+    pub node_id: String,
 }
 
 /// A blob: content as an ordered list of chunks.
@@ -87,7 +113,7 @@ pub struct UploadRec {
     /// Bytes durably received (sum of chunk sizes).
     #[prost(uint64, tag = "3")]
     pub received: u64,
-    /// Durable chunks so far.
+    /// Durable chunks of records written before per-chunk rows (read only, to release them).
     #[prost(bytes = "vec", repeated, tag = "4")]
     pub chunk_hashes: Vec<Vec<u8>>,
     /// Their lengths.
@@ -99,6 +125,28 @@ pub struct UploadRec {
     /// Last progress, nanoseconds since the epoch (expiry counts from here).
     #[prost(int64, tag = "7")]
     pub updated_ns: i64,
+    /// The live session: each resume takes a new number, and appends or a completion from an
+    /// older session are refused.
+    #[prost(uint64, tag = "8")]
+    pub session: u64,
+    /// Durable chunks, kept as rows of their own (`upload_chunks`).
+    #[prost(uint64, tag = "9")]
+    pub chunk_count: u64,
+}
+
+/// One durable chunk of a resumable upload (a row of its own, so an append writes one row).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UploadChunkRec {
+    /// BLAKE3 of the chunk (its address).
+    #[prost(bytes = "vec", tag = "1")]
+    pub hash: Vec<u8>,
+    /// Length.
+    #[prost(uint32, tag = "2")]
+    pub size: u32,
+    /// BLAKE3 chaining value of the chunk at its offset in the object: the whole-content key
+    /// is derived from these without re-reading the chunks.
+    #[prost(bytes = "vec", tag = "3")]
+    pub cv: Vec<u8>,
 }
 
 /// What remains of a deleted file, for replication to order deletes against writes.
@@ -110,4 +158,7 @@ pub struct Tombstone {
     /// The blob the file pointed at.
     #[prost(bytes = "vec", tag = "2")]
     pub blob_key: Vec<u8>,
+    /// Clock reading of the delete (replication orders it against writes).
+    #[prost(message, optional, tag = "3")]
+    pub hlc: Option<Hlc>,
 }

@@ -1,0 +1,168 @@
+//! Bringing one replica up to date with one record: the chunks it lacks (from this pod or any
+//! other that holds them), then the record, applied there only if newer. Used by the hand-off
+//! queue, read repair and anti-entropy; throttled by `--repair-bytes-per-second`.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use peervault_proto::v1::{ChunkData, FileRecord, HasChunksRequest, PutRecordRequest};
+
+use super::Cluster;
+use crate::{
+    error::{BlobError, Result},
+    store::{INLINE_MAX, hex},
+};
+
+/// A token bucket over bytes per second (0: unlimited), shared by every repair worker.
+pub struct Throttle {
+    rate: u64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Throttle {
+    /// A bucket of `rate` bytes per second holding at most one second's worth.
+    pub fn new(rate: u64) -> Self {
+        Throttle {
+            rate,
+            state: Mutex::new((rate as f64, Instant::now())),
+        }
+    }
+
+    /// How long to wait before sending `n` bytes (the bytes are taken now).
+    pub fn take(&self, n: u64) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.rate as f64;
+        s.0 = (s.0 + refill).min(self.rate as f64);
+        s.1 = now;
+        s.0 -= n as f64;
+        if s.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-s.0 / self.rate as f64)
+        }
+    }
+}
+
+impl Cluster {
+    /// Makes sure `target` holds `rec` (or something newer). Returns whether it applied it.
+    pub(super) async fn sync_record_to(&self, target: &str, rec: &FileRecord, reason: &'static str) -> Result<bool> {
+        let started = Instant::now();
+        let layout = self.layout();
+        let mut rec = rec.clone();
+        // A small object travels inside the record.
+        if !rec.deleted
+            && rec.inline_data.is_empty()
+            && rec.chunk_hashes.len() == 1
+            && rec.size as usize <= INLINE_MAX
+            && rec.size > 0
+            && let (Some(h), Some(&size)) = (rec.chunk_hashes.first(), rec.chunk_sizes.first())
+            && let Ok(hash) = <[u8; 32]>::try_from(h.as_ref())
+        {
+            rec.inline_data = self.fetch_chunk(&rec.key, hash, size).await?;
+        }
+        let chunked = !rec.deleted && rec.inline_data.is_empty() && !rec.chunk_hashes.is_empty();
+        if layout.is_self(target) {
+            if chunked {
+                for (h, &size) in rec.chunk_hashes.iter().zip(&rec.chunk_sizes) {
+                    let Ok(hash) = <[u8; 32]>::try_from(h.as_ref()) else {
+                        continue;
+                    };
+                    let s = self.store().clone();
+                    if tokio::task::spawn_blocking(move || s.has_chunk(&hash))
+                        .await
+                        .unwrap_or(Ok(false))?
+                    {
+                        continue;
+                    }
+                    let data = self.fetch_chunk(&rec.key, hash, size).await?;
+                    self.throttle(reason, data.len() as u64).await;
+                    let s = self.store().clone();
+                    tokio::task::spawn_blocking(move || s.put_chunk(&hash, &data))
+                        .await
+                        .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))??;
+                }
+            }
+            let (applied, _) = self.store().apply_record(rec, None).await?;
+            self.inner
+                .metrics
+                .repair_duration
+                .observe(started.elapsed().as_secs_f64());
+            return Ok(applied);
+        }
+        let mut client = self
+            .client(target)
+            .ok_or_else(|| BlobError::Unavailable(format!("{target} is not in the membership view")))?;
+        if chunked {
+            let mut hashes: Vec<Bytes> = Vec::new();
+            let mut sizes: Vec<u32> = Vec::new();
+            for (h, &s) in rec.chunk_hashes.iter().zip(&rec.chunk_sizes) {
+                if !hashes.contains(h) {
+                    hashes.push(h.clone());
+                    sizes.push(s);
+                }
+            }
+            for (hs, ss) in hashes.chunks(10_000).zip(sizes.chunks(10_000)) {
+                let present = self
+                    .timed(client.has_chunks(HasChunksRequest { hashes: hs.to_vec() }))
+                    .await
+                    .map_err(|st| BlobError::Unavailable(format!("{target}: {}", st.message())))?
+                    .present;
+                for ((h, &size), have) in hs.iter().zip(ss).zip(present.iter().chain(std::iter::repeat(&false))) {
+                    if *have {
+                        continue;
+                    }
+                    let Ok(hash) = <[u8; 32]>::try_from(h.as_ref()) else {
+                        continue;
+                    };
+                    let data = self.fetch_chunk(&rec.key, hash, size).await?;
+                    self.throttle(reason, data.len() as u64).await;
+                    let n = data.len() as u64;
+                    let pieces: Vec<ChunkData> = (0..data.len().max(1))
+                        .step_by(super::MAX_PIECE)
+                        .map(|i| ChunkData {
+                            hash: h.clone(),
+                            data: data.slice(i..(i + super::MAX_PIECE).min(data.len())),
+                        })
+                        .collect();
+                    self.timed(client.put_chunks(tokio_stream::iter(pieces)))
+                        .await
+                        .map_err(|st| {
+                            BlobError::Unavailable(format!("{target} refused chunk {}: {}", hex(&hash), st.message()))
+                        })?;
+                    self.inner.metrics.bytes_sent.with_label_values(&[reason]).inc_by(n);
+                }
+            }
+        }
+        let applied = self
+            .timed(client.put_record(PutRecordRequest {
+                record: Some(rec.clone()),
+                pending: false,
+            }))
+            .await
+            .map_err(|st| BlobError::Unavailable(format!("{target} refused the record: {}", st.message())))?
+            .applied;
+        self.inner
+            .metrics
+            .repair_duration
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(target, key = %rec.key, applied, reason, "replica brought up to date");
+        Ok(applied)
+    }
+
+    pub(super) async fn throttle(&self, reason: &str, n: u64) {
+        if reason == "write" {
+            return;
+        }
+        let wait = self.inner.throttle.take(n);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! The write path. Chunks stream to the file's remote owners while the upload is still being
+//! received (a bounded window per replica, never the whole object); then the record goes to
+//! every owner as *pending* (invisible), and once a majority holds it, a second round commits
+//! it. The client is acknowledged when a majority committed durably; owners that missed it are
+//! in the persisted hand-off queue before the acknowledgement.
+
+use std::{collections::HashSet, time::Duration};
+
+use bytes::Bytes;
+use peervault_proto::v1::{ChunkData, CommitRecordRequest, FileRecord, PutChunksResponse, PutRecordRequest};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tonic::Code;
+
+use super::{Cluster, Layout, ReplicaState, handoff, majority};
+use crate::{
+    error::{BlobError, Result},
+    store::{
+        ChunkMeta, Finished, Ingest,
+        records::FileRec,
+        replica::{hlc_from_wire, hlc_key, hlc_to_wire, live_record},
+    },
+};
+
+fn clock_of(h: Option<&peervault_proto::v1::HybridTimestamp>) -> (u64, u32, String) {
+    h.map(|h| (h.physical_ms, h.logical, h.node_id.clone()))
+        .unwrap_or_default()
+}
+
+struct RemoteStream {
+    id: String,
+    tx: Option<mpsc::Sender<ChunkData>>,
+    task: JoinHandle<Result<PutChunksResponse, tonic::Status>>,
+    failed: bool,
+}
+
+/// Streams an upload's chunks to the file's remote owners as they are sealed. Created before
+/// the first byte; [`Replicator::forward`] runs on the upload's writer thread after every
+/// write.
+pub struct Replicator {
+    cluster: Cluster,
+    key: String,
+    streams: Vec<RemoteStream>,
+    sent: usize,
+    timeout: Duration,
+}
+
+impl Cluster {
+    /// A replicator for a new upload of `key`; `None` when this pod is alone (pass-through).
+    pub fn replicator(&self, key: &str) -> Option<Replicator> {
+        let layout = self.layout();
+        if layout.is_solo() {
+            return None;
+        }
+        let mut streams = Vec::new();
+        for id in layout.owners(key) {
+            if layout.is_self(&id) {
+                continue;
+            }
+            let Some(mut client) = self.client(&id) else { continue };
+            let (tx, rx) = mpsc::channel::<ChunkData>(super::WINDOW);
+            let task = tokio::spawn(async move {
+                client
+                    .put_chunks(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map(tonic::Response::into_inner)
+            });
+            streams.push(RemoteStream {
+                id,
+                tx: Some(tx),
+                task,
+                failed: false,
+            });
+        }
+        Some(Replicator {
+            cluster: self.clone(),
+            key: key.to_string(),
+            streams,
+            sent: 0,
+            timeout: self.inner.cfg.replication_timeout,
+        })
+    }
+}
+
+impl Replicator {
+    async fn send_chunk(&mut self, c: &ChunkMeta, data: Bytes) {
+        let metrics = self.cluster.inner.metrics.clone();
+        for s in &mut self.streams {
+            let Some(tx) = &s.tx else { continue };
+            let mut ok = true;
+            for i in (0..data.len().max(1)).step_by(super::MAX_PIECE) {
+                let piece = data.slice(i..(i + super::MAX_PIECE).min(data.len()));
+                let n = piece.len() as u64;
+                let msg = ChunkData {
+                    hash: Bytes::copy_from_slice(&c.hash),
+                    data: piece,
+                };
+                if tx.send_timeout(msg, self.timeout).await.is_err() {
+                    ok = false;
+                    break;
+                }
+                metrics.bytes_sent.with_label_values(&["write"]).inc_by(n);
+            }
+            if !ok {
+                tracing::warn!(key = %self.key, replica = %s.id, "replica stopped taking chunks; it gets the file from the hand-off queue");
+                s.tx = None;
+                s.failed = true;
+            }
+        }
+    }
+
+    async fn send_chunks(&mut self, chunks: &[ChunkMeta]) {
+        for c in chunks {
+            if self.streams.iter().all(|s| s.tx.is_none()) {
+                return;
+            }
+            let data = match &c.inline {
+                Some(d) => d.clone(),
+                None => {
+                    let path = self.cluster.store().chunk_path(&c.hash);
+                    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
+                        Ok(Ok(d)) => Bytes::from(d),
+                        _ => {
+                            // Without the local copy no replica gets this chunk now.
+                            for s in &mut self.streams {
+                                s.tx = None;
+                                s.failed = true;
+                            }
+                            return;
+                        }
+                    }
+                }
+            };
+            self.send_chunk(c, data).await;
+        }
+    }
+
+    /// Sends the chunks `ing` sealed since the last call, once [`super::WINDOW`] of them are
+    /// waiting: they are made durable here first (published under their hash), then read
+    /// back from the page cache and streamed. Blocking (writer thread).
+    pub fn forward(&mut self, ing: &mut Ingest) -> Result<()> {
+        if ing.chunks().len() < self.sent + super::WINDOW {
+            return Ok(());
+        }
+        ing.make_durable()?;
+        let new: Vec<ChunkMeta> = ing
+            .chunks()
+            .get(self.sent..)
+            .map(<[ChunkMeta]>::to_vec)
+            .unwrap_or_default();
+        self.sent += new.len();
+        let handle = tokio::runtime::Handle::current();
+        handle.block_on(self.send_chunks(&new));
+        Ok(())
+    }
+
+    /// Sends what is left of a finished upload's chunks, closes the streams and returns the
+    /// remote owners that confirmed every chunk durable.
+    async fn finish(mut self, content: &Finished) -> (Cluster, HashSet<String>) {
+        let rest: Vec<ChunkMeta> = content
+            .blob
+            .chunks
+            .get(self.sent..)
+            .map(<[ChunkMeta]>::to_vec)
+            .unwrap_or_default()
+            .into_iter()
+            // A small object's content rides in the record itself.
+            .filter(|c| c.inline.is_none())
+            .collect();
+        self.send_chunks(&rest).await;
+        let mut ok = HashSet::new();
+        for s in self.streams {
+            drop(s.tx);
+            match tokio::time::timeout(self.timeout, s.task).await {
+                Ok(Ok(Ok(_))) if !s.failed => {
+                    ok.insert(s.id);
+                }
+                Ok(Ok(Err(st))) => {
+                    tracing::warn!(key = %self.key, replica = %s.id, code = ?st.code(), error = %st.message(), "replica refused chunks");
+                }
+                _ => {
+                    tracing::warn!(key = %self.key, replica = %s.id, "replica chunk stream failed or timed out");
+                }
+            }
+        }
+        (self.cluster, ok)
+    }
+}
+
+/// What a coordinated write did.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The record as written.
+    pub record: FileRecord,
+    /// The live file it replaced on this pod, when this pod is an owner.
+    pub replaced: Option<FileRec>,
+    /// Each owner and its state after the write.
+    pub replicas: Vec<(String, ReplicaState)>,
+}
+
+impl Cluster {
+    fn has_quorum(layout: &Layout, key: &str, acked: &HashSet<String>) -> bool {
+        let part = crate::store::replica::key_partition(key);
+        let check = |owners: &[String]| {
+            let live: Vec<&String> = owners.iter().filter(|o| layout.peers.contains_key(*o)).collect();
+            live.is_empty() || live.iter().filter(|o| acked.contains(**o)).count() >= majority(live.len())
+        };
+        check(layout.placement.owners(part)) && layout.previous.as_ref().is_none_or(|p| check(p.owners(part)))
+    }
+
+    /// Writes `rec` to its owners: pending round, commit round, hand-off for the rest.
+    /// `local` is this pod's ingested content (applied if this pod is an owner, else dropped);
+    /// `eligible` are the remote owners that hold the content (every owner for a record
+    /// without chunks to send).
+    #[tracing::instrument(name = "replicate_record", skip_all, fields(key = %rec.key, deleted = rec.deleted))]
+    pub async fn replicate(
+        &self,
+        rec: FileRecord,
+        local: Option<Finished>,
+        eligible: Option<&HashSet<String>>,
+    ) -> Result<Written> {
+        let layout = self.layout();
+        let owners = layout.owners(&rec.key);
+        let me_owner = owners.iter().any(|o| layout.is_self(o));
+        // Round 1: pending everywhere reachable. A replica holding a newer record answers with
+        // its clock; the write then takes a later reading and tries again, so it orders after
+        // everything a majority has committed.
+        let mut rec = rec;
+        let mut pending_ok: HashSet<String> = HashSet::new();
+        for attempt in 0..3 {
+            pending_ok.clear();
+            let mut calls = Vec::new();
+            for o in &owners {
+                if layout.is_self(o) || eligible.is_some_and(|e| !e.contains(o)) {
+                    continue;
+                }
+                let Some(mut c) = self.client(o) else { continue };
+                let req = PutRecordRequest {
+                    record: Some(rec.clone()),
+                    pending: true,
+                };
+                let me = self.clone();
+                let id = o.clone();
+                calls.push(async move { (id, me.timed(c.put_record(req)).await) });
+            }
+            let mut newer: Option<crate::store::records::Hlc> = None;
+            if me_owner && let Some(id) = &layout.self_id {
+                let s = self.store().clone();
+                let k = rec.key.clone();
+                let held = tokio::task::spawn_blocking(move || s.replica_record(&k, false))
+                    .await
+                    .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))??;
+                match held.and_then(|h| h.hlc) {
+                    Some(h) if clock_of(Some(&h)) >= clock_of(rec.hlc.as_ref()) => newer = Some(hlc_from_wire(&h)),
+                    _ => {
+                        pending_ok.insert(id.clone());
+                    }
+                }
+            }
+            for (id, r) in futures_util::future::join_all(calls).await {
+                match r {
+                    Ok(resp) if resp.applied => {
+                        pending_ok.insert(id);
+                    }
+                    Ok(resp) => {
+                        if let Some(h) = resp.held {
+                            let h = hlc_from_wire(&h);
+                            if newer.as_ref().is_none_or(|n| hlc_key(Some(&h)) > hlc_key(Some(n))) {
+                                newer = Some(h);
+                            }
+                        }
+                    }
+                    Err(st) => {
+                        tracing::warn!(key = %rec.key, replica = %id, code = ?st.code(), error = %st.message(), "replica refused the pending record");
+                    }
+                }
+            }
+            match newer {
+                Some(h) if attempt < 2 => {
+                    let _ = self.clock().observe(&h);
+                    rec.hlc = Some(hlc_to_wire(&self.now()));
+                    tracing::debug!(key = %rec.key, "a replica holds a newer record; writing again with a later clock");
+                }
+                _ => break,
+            }
+        }
+        if !Self::has_quorum(&layout, &rec.key, &pending_ok) {
+            if let Some(f) = local {
+                f.discard();
+            }
+            self.inner.metrics.writes.with_label_values(&["unavailable"]).inc();
+            tracing::warn!(key = %rec.key, reached = pending_ok.len(), owners = owners.len(), "write refused: no majority of owners reachable");
+            return Err(BlobError::Unavailable(format!(
+                "only {} of {} owners of '{}' could be reached (a majority is needed); nothing was stored",
+                pending_ok.len(),
+                owners.len(),
+                rec.key
+            )));
+        }
+        // Round 2: commit.
+        let mut committed: HashSet<String> = HashSet::new();
+        let mut replaced = None;
+        let mut local = local;
+        if me_owner {
+            match self.store().apply_record(rec.clone(), local.take()).await {
+                Ok((_, old)) => {
+                    replaced = old;
+                    if let Some(id) = &layout.self_id {
+                        committed.insert(id.clone());
+                    }
+                }
+                Err(e) => tracing::warn!(key = %rec.key, error = %e, "local replica could not apply the record"),
+            }
+        } else if let Some(f) = local.take() {
+            f.discard();
+        }
+        let mut calls = Vec::new();
+        for o in &pending_ok {
+            if layout.is_self(o) {
+                continue;
+            }
+            let Some(mut c) = self.client(o) else { continue };
+            let req = CommitRecordRequest {
+                key: rec.key.clone(),
+                hlc: rec.hlc.clone(),
+            };
+            let full = PutRecordRequest {
+                record: Some(rec.clone()),
+                pending: false,
+            };
+            let me = self.clone();
+            let id = o.clone();
+            calls.push(async move {
+                let r = match me.timed(c.commit_record(req)).await {
+                    // The pending copy expired or the replica restarted: send it whole.
+                    Err(st) if st.code() == Code::NotFound => me.timed(c.put_record(full)).await.map(|_| ()),
+                    r => r.map(|_| ()),
+                };
+                (id, r)
+            });
+        }
+        for (id, r) in futures_util::future::join_all(calls).await {
+            match r {
+                Ok(()) => {
+                    committed.insert(id);
+                }
+                Err(st) => {
+                    tracing::warn!(key = %rec.key, replica = %id, code = ?st.code(), error = %st.message(), "replica did not commit the record");
+                }
+            }
+        }
+        // Everyone who does not hold it now gets it from the queue, before the client hears.
+        let missing: Vec<handoff::Entry> = owners
+            .iter()
+            .filter(|o| !committed.contains(*o))
+            .map(|o| handoff::Entry {
+                target: o.clone(),
+                record: Some(rec.clone()),
+                attempts: 0,
+                next_ms: 0,
+            })
+            .collect();
+        let queued = self.enqueue(missing).await;
+        let replicas: Vec<(String, ReplicaState)> = owners
+            .iter()
+            .map(|o| {
+                let st = if committed.contains(o) {
+                    ReplicaState::Synced
+                } else {
+                    ReplicaState::Pending
+                };
+                (o.clone(), st)
+            })
+            .collect();
+        if !Self::has_quorum(&layout, &rec.key, &committed) {
+            self.inner.metrics.writes.with_label_values(&["unknown"]).inc();
+            tracing::error!(key = %rec.key, committed = committed.len(), owners = owners.len(), "write outcome unknown: fewer than a majority committed");
+            return Err(BlobError::Unavailable(format!(
+                "the write of '{}' reached {} of {} owners before they stopped answering: its outcome is unknown (it may appear later); retry it",
+                rec.key,
+                committed.len(),
+                owners.len()
+            )));
+        }
+        queued?;
+        self.inner.metrics.writes.with_label_values(&["ok"]).inc();
+        if committed.len() == owners.len() {
+            self.publish_replicated(&rec.key, "all");
+        }
+        tracing::debug!(key = %rec.key, committed = committed.len(), owners = owners.len(), "record replicated");
+        Ok(Written {
+            record: rec,
+            replaced,
+            replicas,
+        })
+    }
+
+    /// Commits an upload: the local content and the record, replicated when there are other
+    /// members. Returns the stored record and the replicas' states.
+    pub async fn put_file(
+        &self,
+        mut rec: FileRec,
+        content: Finished,
+        replicator: Option<Replicator>,
+    ) -> Result<(FileRec, Vec<(String, ReplicaState)>)> {
+        let hlc = self.now();
+        rec.hlc = Some(hlc.clone());
+        if self.is_solo() && replicator.is_none() {
+            let (stored, _) = self.store().put_file(rec, content).await?;
+            return Ok((stored, vec![]));
+        }
+        let eligible = match replicator {
+            Some(r) => {
+                let (_, ok) = r.finish(&content).await;
+                Some(ok)
+            }
+            None => None,
+        };
+        rec.blob_key = content.blob.key.to_vec();
+        rec.size = content.blob.size;
+        let blob = crate::store::records::BlobRec {
+            size: content.blob.size,
+            chunk_hashes: content.blob.chunks.iter().map(|c| c.hash.to_vec()).collect(),
+            chunk_sizes: content.blob.chunks.iter().map(|c| c.size).collect(),
+            ..Default::default()
+        };
+        let inline = match content.blob.chunks.as_slice() {
+            [c] => c.inline.clone(),
+            _ => None,
+        };
+        let mut wire = live_record(&rec, &blob, inline);
+        wire.hlc = Some(hlc_to_wire(&hlc));
+        let eligible = eligible.map(|mut e| {
+            // Owners that need no chunks (a small or empty object) are always eligible.
+            if content.blob.chunks.iter().all(|c| c.inline.is_some()) {
+                for o in self.layout().owners(&rec.key) {
+                    e.insert(o);
+                }
+            }
+            e
+        });
+        let w = self.replicate(wire, Some(content), eligible.as_ref()).await?;
+        let stored = crate::store::replica::file_rec(&w.record);
+        Ok((stored, w.replicas))
+    }
+}

@@ -1,0 +1,535 @@
+//! What a local replica needs from the store: records in their replicated form (with their
+//! hybrid logical clock), applying a record only when it is newer, chunks received from other
+//! pods (verified, durable), and listings and digests by partition for anti-entropy.
+
+use bytes::Bytes;
+use peervault_proto::v1::{FileRecord, HybridTimestamp};
+use redb::{ReadableDatabase, ReadableTable};
+
+use super::{
+    ChunkMeta, Finished, INLINE_MAX, NewBlob, Store, hex,
+    index::{self, Op, Reply},
+    records::{BlobRec, ChunkRec, FileRec, Hlc, Tombstone, decode},
+};
+use crate::error::{BlobError, Result};
+
+/// Number of partitions the key and chunk spaces are split into.
+pub const PARTITIONS: usize = 256;
+
+/// The partition of a file key.
+pub fn key_partition(key: &str) -> u32 {
+    blake3::hash(key.as_bytes()).as_bytes()[0] as u32
+}
+
+/// The partition of a chunk.
+pub fn chunk_partition(hash: &[u8; 32]) -> u32 {
+    hash[0] as u32
+}
+
+/// Orders clock readings: physical time, then the counter, then the pod id. A record without a
+/// clock (written before replication) is older than any with one.
+pub fn hlc_key(h: Option<&Hlc>) -> (u64, u32, &str) {
+    match h {
+        Some(h) => (h.physical_ms, h.logical, h.node_id.as_str()),
+        None => (0, 0, ""),
+    }
+}
+
+/// The stored clock of a wire clock.
+pub fn hlc_from_wire(h: &HybridTimestamp) -> Hlc {
+    Hlc {
+        physical_ms: h.physical_ms,
+        logical: h.logical,
+        node_id: h.node_id.clone(),
+    }
+}
+
+/// The wire clock of a stored clock.
+pub fn hlc_to_wire(h: &Hlc) -> HybridTimestamp {
+    HybridTimestamp {
+        physical_ms: h.physical_ms,
+        logical: h.logical,
+        node_id: h.node_id.clone(),
+    }
+}
+
+fn ts(ns: i64) -> Option<prost_types::Timestamp> {
+    Some(peervault_runtime::time::timestamp_from_ns(ns))
+}
+
+fn ns(t: Option<&prost_types::Timestamp>) -> i64 {
+    t.map(|t| t.seconds.saturating_mul(1_000_000_000).saturating_add(t.nanos as i64))
+        .unwrap_or(0)
+}
+
+/// The replicated form of a live file and its blob.
+pub fn live_record(f: &FileRec, b: &BlobRec, inline: Option<Bytes>) -> FileRecord {
+    FileRecord {
+        key: f.key.clone(),
+        blob_key: Bytes::copy_from_slice(&f.blob_key),
+        size: f.size as i64,
+        content_type: f.content_type.clone(),
+        name: f.name.clone(),
+        metadata: f.metadata.clone(),
+        created_at: ts(f.created_ns),
+        updated_at: ts(f.updated_ns),
+        hlc: f.hlc.as_ref().map(hlc_to_wire),
+        deleted: false,
+        chunk_hashes: b.chunk_hashes.iter().map(|h| Bytes::copy_from_slice(h)).collect(),
+        chunk_sizes: b.chunk_sizes.clone(),
+        inline_data: inline.unwrap_or_default(),
+    }
+}
+
+fn tombstone_record(key: &str, t: &Tombstone) -> FileRecord {
+    FileRecord {
+        key: key.to_string(),
+        blob_key: Bytes::copy_from_slice(&t.blob_key),
+        updated_at: ts(t.deleted_ns),
+        hlc: t.hlc.as_ref().map(hlc_to_wire),
+        deleted: true,
+        ..Default::default()
+    }
+}
+
+/// The file record a live replicated record stands for.
+pub fn file_rec(r: &FileRecord) -> FileRec {
+    FileRec {
+        key: r.key.clone(),
+        blob_key: r.blob_key.to_vec(),
+        size: r.size.max(0) as u64,
+        content_type: r.content_type.clone(),
+        name: r.name.clone(),
+        metadata: r.metadata.clone(),
+        created_ns: ns(r.created_at.as_ref()),
+        updated_ns: ns(r.updated_at.as_ref()),
+        hlc: r.hlc.as_ref().map(hlc_from_wire),
+    }
+}
+
+/// Checks a record's shape before it goes near the index.
+pub fn check_record(r: &FileRecord) -> Result<[u8; 32]> {
+    if r.key.is_empty() {
+        return Err(BlobError::invalid("record without a key"));
+    }
+    if r.hlc.is_none() {
+        return Err(BlobError::invalid(format!("record '{}' has no clock", r.key)));
+    }
+    if r.deleted {
+        return Ok([0; 32]);
+    }
+    if r.chunk_hashes.len() != r.chunk_sizes.len() {
+        return Err(BlobError::invalid(format!(
+            "record '{}' has {} chunk hashes but {} sizes",
+            r.key,
+            r.chunk_hashes.len(),
+            r.chunk_sizes.len()
+        )));
+    }
+    let blob = <[u8; 32]>::try_from(r.blob_key.as_ref())
+        .map_err(|_| BlobError::invalid(format!("record '{}' has a blob key that is not 32 bytes", r.key)))?;
+    let total: u64 = r.chunk_sizes.iter().map(|s| *s as u64).sum();
+    if total != r.size.max(0) as u64 {
+        return Err(BlobError::invalid(format!(
+            "record '{}' says {} bytes but its chunks add up to {total}",
+            r.key, r.size
+        )));
+    }
+    for h in &r.chunk_hashes {
+        if h.len() != 32 {
+            return Err(BlobError::invalid(format!(
+                "record '{}' has a chunk hash that is not 32 bytes",
+                r.key
+            )));
+        }
+    }
+    Ok(blob)
+}
+
+/// A record as one pod lists it: its key, clock and whether it is a tombstone.
+fn digest_leaf(h: &mut blake3::Hasher, r: &FileRecord) {
+    h.update(&(r.key.len() as u64).to_le_bytes());
+    h.update(r.key.as_bytes());
+    let (p, l, n) = match &r.hlc {
+        Some(c) => (c.physical_ms, c.logical, c.node_id.as_str()),
+        None => (0, 0, ""),
+    };
+    h.update(&p.to_le_bytes());
+    h.update(&l.to_le_bytes());
+    h.update(&(n.len() as u64).to_le_bytes());
+    h.update(n.as_bytes());
+    h.update(&[r.deleted as u8]);
+}
+
+impl Store {
+    /// The folder the store lives in.
+    pub fn root(&self) -> &std::path::Path {
+        &self.inner.root
+    }
+
+    /// This pod's committed record of `key` in replicated form (a tombstone included); `None`
+    /// when it knows nothing of the key. With `with_data`, a small object's content rides along.
+    pub fn replica_record(&self, key: &str, with_data: bool) -> Result<Option<FileRecord>> {
+        let txn = self.inner.db.begin_read()?;
+        let files = txn.open_table(index::FILES)?;
+        if let Some(v) = files.get(key)? {
+            let f: FileRec = decode("file", v.value())?;
+            let blobs = txn.open_table(index::BLOBS)?;
+            let b: BlobRec = match blobs.get(f.blob_key.as_slice())? {
+                Some(v) => decode("blob", v.value())?,
+                None => return Err(BlobError::Corrupt(format!("file '{key}' points at a missing blob"))),
+            };
+            let mut inline = None;
+            if with_data
+                && let ([h], [size]) = (b.chunk_hashes.as_slice(), b.chunk_sizes.as_slice())
+                && *size as usize <= INLINE_MAX
+                && let Some(v) = txn.open_table(index::INLINE)?.get(h.as_slice())?
+            {
+                inline = Some(Bytes::copy_from_slice(v.value()));
+            }
+            return Ok(Some(live_record(&f, &b, inline)));
+        }
+        let tombs = txn.open_table(index::TOMBSTONES)?;
+        match tombs.get(key)? {
+            Some(v) => Ok(Some(tombstone_record(key, &decode("tombstone", v.value())?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether every chunk of `r` is here (or its blob is), so the record can be applied.
+    /// Blocking.
+    pub fn has_content(&self, r: &FileRecord) -> Result<bool> {
+        if r.deleted {
+            return Ok(true);
+        }
+        let txn = self.inner.db.begin_read()?;
+        if txn.open_table(index::BLOBS)?.get(r.blob_key.as_ref())?.is_some() {
+            return Ok(true);
+        }
+        let inline_ok = !r.inline_data.is_empty();
+        let chunks = txn.open_table(index::CHUNKS)?;
+        for (h, &size) in r.chunk_hashes.iter().zip(&r.chunk_sizes) {
+            if chunks.get(h.as_ref())?.is_some() {
+                continue;
+            }
+            if size as usize <= INLINE_MAX && r.chunk_hashes.len() == 1 {
+                if inline_ok {
+                    continue;
+                }
+                return Ok(false);
+            }
+            let Ok(hash) = <[u8; 32]>::try_from(h.as_ref()) else {
+                return Ok(false);
+            };
+            if !self.chunk_path(&hash).exists() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether this pod holds the chunk (in the index, inline, or as a file). Blocking.
+    pub fn has_chunk(&self, hash: &[u8; 32]) -> Result<bool> {
+        if self.chunk_record(hash)?.is_some() {
+            return Ok(true);
+        }
+        Ok(self.chunk_path(hash).exists())
+    }
+
+    /// Stores a chunk received from another pod: verified against its hash, written to a
+    /// temporary file, fsynced, renamed into place and its folder fsynced. Returns whether it was
+    /// new. It stays unreferenced until a record uses it (the orphan scan removes it after the
+    /// GC grace period otherwise). Blocking.
+    pub fn put_chunk(&self, hash: &[u8; 32], data: &[u8]) -> Result<bool> {
+        if blake3::hash(data).as_bytes() != hash {
+            return Err(BlobError::DataLoss(format!(
+                "chunk {} does not match its hash: nothing of it was stored",
+                hex(hash)
+            )));
+        }
+        if self.has_chunk(hash)? {
+            return Ok(false);
+        }
+        self.reserve(data.len() as u64)?;
+        let out = self.write_chunk_durably(hash, data).map(|()| true);
+        self.unreserve(data.len() as u64);
+        out
+    }
+
+    /// A chunk's content by hash alone (its size from the index or the file), verified.
+    /// Blocking.
+    pub fn read_chunk_any(&self, hash: &[u8; 32]) -> Result<Bytes> {
+        if let Some(rec) = self.chunk_record(hash)? {
+            return self.read_chunk(hash, rec.size);
+        }
+        match self.inner.disk.read(&self.chunk_path(hash)) {
+            Ok(d) => self.verify(hash, d.len() as u32, Bytes::from(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(BlobError::NotFound(format!("chunk {} is not on this pod", hex(hash))))
+            }
+            Err(e) => Err(BlobError::io(format!("read chunk {}", hex(hash)), e)),
+        }
+    }
+
+    /// Replaces a corrupt or missing chunk file with a verified copy (from another pod).
+    /// Blocking.
+    pub fn repair_chunk(&self, hash: &[u8; 32], data: &[u8]) -> Result<()> {
+        if blake3::hash(data).as_bytes() != hash {
+            return Err(BlobError::DataLoss(format!(
+                "repair copy of chunk {} is corrupt",
+                hex(hash)
+            )));
+        }
+        if matches!(self.chunk_record(hash)?, Some(ChunkRec { inline: true, .. })) {
+            // Inline chunks live in the index, whose pages are checksummed by redb.
+            return Ok(());
+        }
+        self.write_chunk_durably(hash, data)?;
+        tracing::warn!(chunk = %hex(hash), "chunk repaired from a replica");
+        Ok(())
+    }
+
+    /// Applies a replicated record if it is newer (by clock) than the one held, in one grouped
+    /// index commit. `local` is content this pod ingested itself for the record (released
+    /// after the commit). Returns whether it was applied and the live file it replaced.
+    pub async fn apply_record(&self, r: FileRecord, local: Option<Finished>) -> Result<(bool, Option<FileRec>)> {
+        let blob_key = check_record(&r)?;
+        let incoming = r.hlc.as_ref().map(hlc_from_wire);
+        let key = r.key.clone();
+        let op: index::CustomOp = Box::new(move |txn| {
+            let cur: Option<Hlc> = {
+                let files = txn.open_table(index::FILES)?;
+                match files.get(key.as_str())? {
+                    Some(v) => Some(decode::<FileRec>("file", v.value())?.hlc.unwrap_or_default()),
+                    None => {
+                        let tombs = txn.open_table(index::TOMBSTONES)?;
+                        match tombs.get(key.as_str())? {
+                            Some(v) => Some(decode::<Tombstone>("tombstone", v.value())?.hlc.unwrap_or_default()),
+                            None => None,
+                        }
+                    }
+                }
+            };
+            if let Some(c) = &cur
+                && hlc_key(incoming.as_ref()) <= hlc_key(Some(c))
+            {
+                return Ok(Reply::Applied(false, None));
+            }
+            let when = ns(r.updated_at.as_ref());
+            if r.deleted {
+                let exists = txn.open_table(index::FILES)?.get(key.as_str())?.is_some();
+                let old = if exists {
+                    match index::apply(
+                        txn,
+                        Op::DeleteFile {
+                            key: key.clone(),
+                            now_ns: when,
+                        },
+                    )? {
+                        Reply::Deleted(f) => Some(f),
+                        _ => None,
+                    }
+                } else {
+                    None
+                };
+                let tomb = Tombstone {
+                    deleted_ns: when,
+                    blob_key: r.blob_key.to_vec(),
+                    hlc: incoming,
+                };
+                txn.open_table(index::TOMBSTONES)?
+                    .insert(key.as_str(), prost::Message::encode_to_vec(&tomb).as_slice())?;
+                return Ok(Reply::Applied(true, old));
+            }
+            let single_inline = r.chunk_hashes.len() == 1
+                && r.chunk_sizes.first().is_some_and(|s| *s as usize <= INLINE_MAX)
+                && r.size as usize <= INLINE_MAX;
+            let chunks = r
+                .chunk_hashes
+                .iter()
+                .zip(&r.chunk_sizes)
+                .map(|(h, &size)| {
+                    let hash = <[u8; 32]>::try_from(h.as_ref()).unwrap_or([0; 32]);
+                    ChunkMeta {
+                        hash,
+                        size,
+                        inline: (single_inline && !r.inline_data.is_empty()).then(|| r.inline_data.clone()),
+                    }
+                })
+                .collect();
+            let blob = NewBlob {
+                key: blob_key,
+                size: r.size.max(0) as u64,
+                chunks,
+                content_type: String::new(),
+                attributes: Default::default(),
+            };
+            match index::apply(
+                txn,
+                Op::PutFile {
+                    rec: file_rec(&r),
+                    blob,
+                },
+            )? {
+                Reply::File(_, old) => Ok(Reply::Applied(true, old)),
+                other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
+            }
+        });
+        match self.commit_with(Op::Custom(op), local).await? {
+            Reply::Applied(applied, old) => Ok((applied, old)),
+            other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Forgets this pod's copy of `key` (its partition moved to other owners that confirmed
+    /// they hold it): the record goes without a tombstone, content when nothing else uses it.
+    pub async fn forget_record(&self, key: &str) -> Result<()> {
+        let key = key.to_string();
+        let op: index::CustomOp = Box::new(move |txn| {
+            let live = txn.open_table(index::FILES)?.get(key.as_str())?.is_some();
+            if live {
+                index::apply(
+                    txn,
+                    Op::DeleteFile {
+                        key: key.clone(),
+                        now_ns: super::now_ns(),
+                    },
+                )?;
+            }
+            txn.open_table(index::TOMBSTONES)?.remove(key.as_str())?;
+            Ok(Reply::Applied(true, None))
+        });
+        self.commit(Op::Custom(op)).await?;
+        Ok(())
+    }
+
+    /// Records (tombstones included) in key order after `start_after`, with `prefix`, in
+    /// `partitions` (empty: all), at most `limit`. Blocking.
+    pub fn list_records(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        partitions: &[u32],
+        limit: usize,
+        with_data: bool,
+    ) -> Result<Vec<FileRecord>> {
+        let txn = self.inner.db.begin_read()?;
+        let files = txn.open_table(index::FILES)?;
+        let tombs = txn.open_table(index::TOMBSTONES)?;
+        let blobs = txn.open_table(index::BLOBS)?;
+        let inline = txn.open_table(index::INLINE)?;
+        let start = if start_after > prefix { start_after } else { prefix };
+        let mut fi = files.range(start..)?.peekable();
+        let mut ti = tombs.range(start..)?.peekable();
+        let mut out = Vec::new();
+        let wanted = |k: &str| partitions.is_empty() || partitions.contains(&key_partition(k));
+        while out.len() < limit {
+            if matches!(fi.peek(), Some(Err(_)))
+                && let Some(Err(e)) = fi.next()
+            {
+                return Err(e.into());
+            }
+            if matches!(ti.peek(), Some(Err(_)))
+                && let Some(Err(e)) = ti.next()
+            {
+                return Err(e.into());
+            }
+            let fk = match fi.peek() {
+                Some(Ok((k, _))) => Some(k.value().to_string()),
+                _ => None,
+            };
+            let tk = match ti.peek() {
+                Some(Ok((k, _))) => Some(k.value().to_string()),
+                _ => None,
+            };
+            let take_file = match (&fk, &tk) {
+                (None, None) => break,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some(a), Some(b)) => a <= b,
+            };
+            let rec = if take_file {
+                let Some(Ok((k, v))) = fi.next() else { break };
+                let key = k.value().to_string();
+                if key.as_str() == start_after || !wanted(&key) {
+                    if !key.starts_with(prefix) {
+                        break;
+                    }
+                    continue;
+                }
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                let f: FileRec = decode("file", v.value())?;
+                let b: BlobRec = match blobs.get(f.blob_key.as_slice())? {
+                    Some(v) => decode("blob", v.value())?,
+                    None => return Err(BlobError::Corrupt(format!("file '{key}' points at a missing blob"))),
+                };
+                let mut data = None;
+                if with_data
+                    && let ([h], [size]) = (b.chunk_hashes.as_slice(), b.chunk_sizes.as_slice())
+                    && *size as usize <= INLINE_MAX
+                    && let Some(v) = inline.get(h.as_slice())?
+                {
+                    data = Some(Bytes::copy_from_slice(v.value()));
+                }
+                live_record(&f, &b, data)
+            } else {
+                let Some(Ok((k, v))) = ti.next() else { break };
+                let key = k.value().to_string();
+                if key.as_str() == start_after || !wanted(&key) {
+                    if !key.starts_with(prefix) {
+                        break;
+                    }
+                    continue;
+                }
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                let t: Tombstone = decode("tombstone", v.value())?;
+                tombstone_record(&key, &t)
+            };
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Every chunk hash this pod references, in order (for anti-entropy and scrub). Blocking.
+    pub fn chunk_hashes(&self, partitions: &[u32]) -> Result<Vec<([u8; 32], ChunkRec)>> {
+        let txn = self.inner.db.begin_read()?;
+        let t = txn.open_table(index::CHUNKS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let Ok(hash) = <[u8; 32]>::try_from(k.value()) else {
+                continue;
+            };
+            if !partitions.is_empty() && !partitions.contains(&chunk_partition(&hash)) {
+                continue;
+            }
+            let rec: ChunkRec = decode("chunk", v.value())?;
+            if rec.refs > 0 {
+                out.push((hash, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One digest per partition over the records (key, clock, tombstone flag) this pod holds.
+    /// Two owners with equal digests for a partition hold the same records. Blocking.
+    pub fn record_digests(&self) -> Result<Vec<[u8; 32]>> {
+        let mut hashers: Vec<blake3::Hasher> = (0..PARTITIONS).map(|_| blake3::Hasher::new()).collect();
+        let mut after = String::new();
+        loop {
+            let batch = self.list_records("", &after, &[], 1024, false)?;
+            let Some(last) = batch.last() else { break };
+            after = last.key.clone();
+            for r in &batch {
+                if let Some(h) = hashers.get_mut(key_partition(&r.key) as usize) {
+                    digest_leaf(h, r);
+                }
+            }
+        }
+        Ok(hashers.into_iter().map(|h| *h.finalize().as_bytes()).collect())
+    }
+}
