@@ -89,6 +89,9 @@ pub const CONFINEMENT_TABLE: &[(&str, Confinement)] = &[
     ("/peervault.v1.ReplicationService/GetChunk", Unconfinable),
     ("/peervault.v1.ReplicationService/PutRecord", Unconfinable),
     ("/peervault.v1.ReplicationService/ListRecords", Unconfinable),
+    ("/peervault.v1.ReplicationService/CommitRecord", Unconfinable),
+    ("/peervault.v1.ReplicationService/GetRecord", Unconfinable),
+    ("/peervault.v1.ReplicationService/Digests", Unconfinable),
 ];
 
 /// The confinement of a path; paths outside the protocol are [`Confinement::Unconfinable`].
