@@ -7,8 +7,9 @@
 //! through a [`TokenValidator`] — a verified client certificate, or a token (`?token=`,
 //! `Authorization: Bearer`, or an `auth` message within the read timeout; AUTH_FAILED
 //! otherwise) — unless anonymous access was asked for; the caller's key prefix narrows its file
-//! events; a revoked or expired credential closes the connection (1008) within seconds; a message size limit (INVALID_MESSAGE, then close 1009); a rate limit
-//! (RATE_LIMIT_EXCEEDED with `retryAfter`, the message dropped, the connection kept); pings every
+//! events; a revoked or expired credential closes the connection (1008) within seconds; a
+//! message size limit (INVALID_MESSAGE, then close 1009); a rate limit (RATE_LIMIT_EXCEEDED with
+//! `retryAfter`, the message dropped, the connection kept); pings every
 //! ping period and a close after the pong wait without a word from the client; a write timeout
 //! that closes a client that does not read. Memory per connection is bounded: the subscription
 //! reads the shared broadcast ring and writes are bounded by the write buffer and the timeout.
