@@ -181,6 +181,7 @@ impl Store {
             )),
             e => BlobError::from(e),
         })?;
+        let index_open_ms = started.elapsed().as_millis() as u64;
         if repaired.load(Ordering::Relaxed) {
             tracing::warn!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -207,6 +208,7 @@ impl Store {
             tracing::info!(removed, "recovery removed temporary files of interrupted writes");
         }
         index::init_tables(&db)?;
+        let init_ms = started.elapsed().as_millis() as u64 - index_open_ms;
         let counters = index::read_counters(&db)?;
         let (commit_tx, commit_rx) = mpsc::channel(1024);
         let inner = Arc::new(Inner {
@@ -270,6 +272,9 @@ impl Store {
             blobs = counters.blobs,
             chunks = counters.chunks,
             storage_used = counters.storage_used,
+            index_open_ms,
+            init_ms,
+            open_ms = started.elapsed().as_millis() as u64,
             "blob store open"
         );
         Ok(store)
@@ -417,3 +422,5 @@ mod tests;
 mod tests_defects;
 #[cfg(test)]
 mod tests_power;
+#[cfg(test)]
+mod tests_scale;
