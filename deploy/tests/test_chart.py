@@ -392,7 +392,7 @@ def test_notes_tell_how_to_connect(mode, tmp_path):
     assert res.returncode == 0, res.stderr
     notes = yaml.safe_load(res.stdout)["data"]["notes"]
     for want in ("pv-peervault-blob.store.svc:8082", "pv-peervault-events.store.svc:8082",
-                 "ws://pv-peervault-events.store.svc:8083/ws", "port-forward svc/pv-peervault-blob 8082:8082",
+                 "wss://pv-peervault-events.store.svc:8083/ws", "port-forward svc/pv-peervault-blob 8082:8082",
                  "pvault --server pv-peervault-blob:8082 --tls-dir pv-tls", "rollout status statefulset/pv-peervault-blob"):
         assert want in notes, f"{want!r} missing from NOTES:\n{notes}"
     key = "client" if mode == "generated" else "tls"
