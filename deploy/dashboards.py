@@ -197,7 +197,10 @@ def overview():
         (f"sum(rate(peervault_blob_gc_chunks_collected_total{{{SEL}}}{R}))", "chunks/s"),
         (f"sum(rate(peervault_blob_uploads_expired_total{{{SEL}}}{R}))", "expired uploads/s"),
     ], w=8)
-    b.panel("Integrity failures (hash mismatch on read)", [(f"sum by (instance) (increase(peervault_blob_integrity_failures_total{{{SEL}}}{R}))", "{{instance}}")], w=8)
+    b.panel("Integrity failures and full-volume refusals", [
+        (f"sum by (instance) (increase(peervault_blob_integrity_failures_total{{{SEL}}}{R}))", "hash mismatch {{instance}}"),
+        (f"sum by (instance) (increase(peervault_blob_volume_full_total{{{SEL}}}{R}))", "volume full {{instance}}"),
+    ], w=8)
     b.panel("Commit batch size p50", [(f"histogram_quantile(0.5, sum by (le) (rate(peervault_blob_commit_batch_size_bucket{{{SEL}}}{R})))", "p50")], w=8)
     b.row("Security and process")
     b.panel("Refused calls and handshakes", [

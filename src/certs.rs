@@ -65,6 +65,11 @@ pub fn issue(args: &IssueArgs) -> anyhow::Result<()> {
         ));
     }
     for name in &args.dns {
+        if !valid_dns_name(name) {
+            anyhow::bail!(
+                "bad --dns name {name:?}: not a host name (letters, digits, '-', dots; '*.' first for a wildcard)"
+            );
+        }
         sans.push(SanType::DnsName(
             name.clone()
                 .try_into()
@@ -107,6 +112,21 @@ pub fn issue(args: &IssueArgs) -> anyhow::Result<()> {
 
 const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
 
+/// A host name a certificate may name: labels of 1–63 letters, digits and inner hyphens, 253
+/// characters at most, optionally a leading `*` label.
+fn valid_dns_name(name: &str) -> bool {
+    let body = name.strip_prefix("*.").unwrap_or(name);
+    !body.is_empty()
+        && name.len() <= 253
+        && body.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 fn write(path: &std::path::Path, data: &[u8], secret: bool) -> anyhow::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let mut f = fs::OpenOptions::new()
@@ -119,4 +139,88 @@ fn write(path: &std::path::Path, data: &[u8], secret: bool) -> anyhow::Result<()
     f.write_all(data)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peervault_runtime::Identity;
+    use rustls::pki_types::CertificateDer;
+
+    /// A CA in `dir` (Ed25519 as the chart makes it): returns the cert and key paths.
+    fn ca(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "test CA");
+        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let (c, k) = (dir.join("ca.crt"), dir.join("ca.key"));
+        fs::write(&c, cert.pem()).unwrap();
+        fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn args(ca_cert: PathBuf, ca_key: PathBuf, out: PathBuf) -> IssueArgs {
+        IssueArgs {
+            ca_cert,
+            ca_key,
+            service: vec!["blob".into()],
+            dns: vec!["blob-0.blob-headless.ns.svc".into()],
+            ip: vec!["10.0.0.7".parse().unwrap()],
+            trust_domain: "peervault.local".into(),
+            days: 30,
+            out,
+        }
+    }
+
+    #[test]
+    fn issued_certificates_carry_the_service_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = ca(dir.path());
+        issue(&args(c, k, dir.path().join("out"))).unwrap();
+        let pem = fs::read(dir.path().join("out/tls.crt")).unwrap();
+        let der: CertificateDer<'static> = rustls_pemfile::certs(&mut pem.as_slice()).next().unwrap().unwrap();
+        assert_eq!(
+            Identity::from_certificate(&der, "peervault.local"),
+            Identity::Service {
+                service: "blob".into(),
+                id: "spiffe://peervault.local/peervault/blob".into()
+            }
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.path().join("out/tls.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("out/ca.crt")).unwrap(),
+            fs::read_to_string(dir.path().join("ca.crt")).unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_named_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = ca(dir.path());
+        let out = dir.path().join("out");
+        let missing = dir.path().join("missing.key");
+        let e = issue(&args(c.clone(), missing, out.clone())).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read --ca-key"), "{e:#}");
+        let garbage = dir.path().join("garbage.key");
+        fs::write(&garbage, "not a key").unwrap();
+        let e = issue(&args(c.clone(), garbage, out.clone())).unwrap_err();
+        assert!(format!("{e:#}").contains("is not a usable PKCS#8 key"), "{e:#}");
+        let e = issue(&args(k.clone(), k.clone(), out.clone())).unwrap_err();
+        assert!(format!("{e:#}").contains("is not a usable CA certificate"), "{e:#}");
+        let mut bad_dns = args(c, k, out.clone());
+        for bad in ["not a name", "$(POD_NAME).blob.ns.svc", "a..b", "-a.b", ""] {
+            bad_dns.dns = vec![bad.into()];
+            let e = issue(&bad_dns).unwrap_err();
+            assert!(format!("{e:#}").contains("bad --dns name"), "{bad:?}: {e:#}");
+        }
+        assert!(valid_dns_name("*.peervault-blob-headless.ns.svc") && valid_dns_name("localhost"));
+        assert!(!out.exists(), "a failed issue wrote files");
+    }
 }

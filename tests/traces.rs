@@ -59,6 +59,9 @@ async fn an_uploads_event_links_its_publish_spans_to_the_upload_and_probes_are_n
         // Probes of itself every 200 ms: plenty that must not be exported.
         .arg("--probe-interval")
         .arg("200ms")
+        // The blob service's step spans are at debug level.
+        .arg("--log")
+        .arg("info,peervault_blob=debug")
         .start();
     let ch = node.channel().await;
     let mut sub = EventServiceClient::new(ch.clone())

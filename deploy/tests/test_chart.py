@@ -67,15 +67,6 @@ def test_every_object_validates_against_kubernetes_1_34(values, tmp_path):
             assert o["apiVersion"] == "monitoring.coreos.com/v1" and o["kind"] in ("ServiceMonitor", "PrometheusRule")
 
 
-def test_render_is_fast_enough_to_measure():
-    """Records the default render's wall time (reported in docs/kubernetes.md)."""
-    start = time.monotonic()
-    _render.__wrapped__((), "peervault", "peervault", ())  # uncached
-    elapsed = time.monotonic() - start
-    print(f"\nchart render (helm template, defaults): {elapsed * 1000:.0f} ms")
-    assert elapsed < 30
-
-
 @pytest.mark.parametrize("values", [None] + CI_VALUES, ids=lambda v: v.name if v else "defaults")
 def test_every_container_is_locked_down(values):
     objs = render(*([values] if values else []))
@@ -350,8 +341,12 @@ def test_schema_rejects_wrong_values(bad):
 
 def test_k8s_manifests_equal_the_default_render():
     """k8s/ is the chart's default render (release and namespace `peervault`) minus the two
-    Secrets the chart generates, which a user of plain manifests creates (docs/kubernetes.md)."""
-    want = normalise(render())
+    Secrets the chart generates, which a user of plain manifests creates (docs/kubernetes.md).
+    Also prints the render's wall time (docs/kubernetes.md reports it)."""
+    start = time.monotonic()
+    fresh = _render.__wrapped__((), "peervault", "peervault", ())  # uncached
+    print(f"\nchart render (helm template, defaults): {(time.monotonic() - start) * 1000:.0f} ms")
+    want = normalise(fresh)
     kust = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
     assert kust["namespace"] == "peervault"
     have = []
@@ -392,7 +387,7 @@ def test_notes_tell_how_to_connect(mode, tmp_path):
     assert res.returncode == 0, res.stderr
     notes = yaml.safe_load(res.stdout)["data"]["notes"]
     for want in ("pv-peervault-blob.store.svc:8082", "pv-peervault-events.store.svc:8082",
-                 "ws://pv-peervault-events.store.svc:8083/ws", "port-forward svc/pv-peervault-blob 8082:8082",
+                 "wss://pv-peervault-events.store.svc:8083/ws", "port-forward svc/pv-peervault-blob 8082:8082",
                  "pvault --server pv-peervault-blob:8082 --tls-dir pv-tls", "rollout status statefulset/pv-peervault-blob"):
         assert want in notes, f"{want!r} missing from NOTES:\n{notes}"
     key = "client" if mode == "generated" else "tls"

@@ -114,8 +114,9 @@ def wait_ready(admin, name, timeout=60):
 class Cluster:
     """Three blob containers (alias `blob`), peer (DNS discovery of `blob`), events (alias `events`)."""
 
-    def __init__(self, image, work):
+    def __init__(self, image, work, env=None):
         self.image, self.work = image, pathlib.Path(work)
+        self.env = env or {}
         self.net = f"{TAG}-net"
         self.containers, self.volumes = [], []
         self.ips = {}
@@ -126,6 +127,8 @@ class Cluster:
         else:
             raise AssertionError("could not create a Docker network with a free subnet")
         self.subnet = subnet
+        # The host, as the containers reach it on this network.
+        self.gateway = f"{subnet}.1"
         self.ca = self.work / "ca"
         self.ca.mkdir(parents=True)
         # An Ed25519 CA, as the Helm chart makes one; each container's certificate is issued from
@@ -168,6 +171,8 @@ class Cluster:
                 "-p", "127.0.0.1::8082", "-p", "127.0.0.1::8083", "-p", "127.0.0.1::9090"]
         for a in aliases:
             args += ["--network-alias", a]
+        for k, v in self.env.items():
+            args += ["-e", f"{k}={v.replace('{gateway}', self.gateway)}"]
         if volume:
             vol = f"{full}-data"
             self.volumes.append(vol)
@@ -195,9 +200,59 @@ class Cluster:
         docker("network", "rm", self.net, check=False)
 
 
+class Sink:
+    """The OTLP/gRPC receiver (examples/otlp_sink.rs) on the host, reachable from the containers."""
+
+    def __init__(self):
+        exe = BIN_DIR / "examples" / "otlp_sink"
+        if not exe.is_file():
+            pytest.fail(f"{exe} is missing: run `cargo build -p peervault --example otlp_sink` first")
+        self.proc = subprocess.Popen([str(exe), "0.0.0.0:0"], stdout=subprocess.PIPE, text=True)
+        first = self.proc.stdout.readline().split()
+        assert first[:1] == ["listening"], first
+        self.port = int(first[1].rsplit(":", 1)[1])
+        self.spans = []
+        import threading
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.lock:
+                self.spans.append(json.loads(line))
+
+    def find(self, pred, what, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                found = [s for s in self.spans if pred(s)]
+            if found:
+                return found[0]
+            time.sleep(0.2)
+        with self.lock:
+            names = sorted({(s["service"], s["name"]) for s in self.spans})
+        raise AssertionError(f"{what}: not received; got {names}")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
-def cluster(image, tmp_path_factory):
-    c = Cluster(image, tmp_path_factory.mktemp("containers"))
+def sink():
+    s = Sink()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(image, sink, tmp_path_factory):
+    # The blob service's step spans are at debug level.
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{{gateway}}:{sink.port}", "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "PEERVAULT_LOG": "info,peervault_blob=debug"}
+    c = Cluster(image, tmp_path_factory.mktemp("containers"), env)
     try:
         yield c
     finally:
@@ -255,6 +310,29 @@ def test_upload_download_list_and_watch_events(cluster):
     finally:
         events.terminate()
         events.wait(timeout=10)
+
+
+def test_an_upload_through_the_containers_is_one_trace_linked_from_the_events_container(cluster, sink):
+    f = cluster.work / "traced.bin"
+    f.write_bytes(os.urandom(20_000))
+    cluster.cli("blob-0", "put", str(f), "traced/one")
+    upload = sink.find(lambda s: s["service"] == "peervault-blob" and s["kind"] == 2
+                       and s["name"] == "peervault.v1.FileService/UploadFile", "blob's UploadFile span")
+    trace = upload["trace_id"]
+    for step in ("chunk_write", "finish"):
+        sink.find(lambda s: s["trace_id"] == trace and s["service"] == "peervault-blob" and s["name"].startswith(step),
+                  f"the upload's {step} span")
+    publish = sink.find(lambda s: s["service"] == "peervault-events" and s["name"] == "peervault.v1.EventService/Publish"
+                        and any(l["trace_id"] == trace for l in s["links"]), "events container's Publish linking the upload")
+    assert publish["trace_id"] != trace
+    # Server Publish ← blob's gRPC client span ← blob's events.publish producer span (one trace).
+    client = sink.find(lambda s: s["span_id"] == publish["parent_span_id"], "the Publish call's client span")
+    producer = sink.find(lambda s: s["span_id"] == client["parent_span_id"], "blob's events.publish span")
+    assert (producer["service"], producer["name"], producer["kind"]) == ("peervault-blob", "events.publish", 4)
+    assert any(l["trace_id"] == trace for l in producer["links"])
+    # Probes of the three blob containers by the peer container are not traced.
+    probes = [s for s in sink.spans if "grpc.health.v1.Health" in s["name"] or s["name"] == "peer_probe"]
+    assert not probes, probes[:3]
 
 
 @needs_replication
