@@ -897,9 +897,9 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
     let deadline = Instant::now() + WAIT;
     'converge: loop {
         let mut views: Vec<std::collections::BTreeMap<String, Option<String>>> = Vec::new();
-        for i in 0..3 {
+        for (i, addr) in addrs.iter().enumerate() {
             let ch = common::channel_with(
-                addrs[i],
+                *addr,
                 Some(&tls.join("ca.crt")),
                 Some((&tls.join("client.crt"), &tls.join("client.key"))),
             )
