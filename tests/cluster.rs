@@ -963,3 +963,75 @@ async fn randomised_faults_lose_no_acknowledged_write_and_replicas_converge() {
         println!("{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_key_made_on_one_pod_works_on_every_pod_and_its_revocation_spreads() {
+    use peervault_proto::v1::{CreateApiKeyRequest, RevokeApiKeyRequest, auth_service_client::AuthServiceClient};
+    let mut cl = Cluster::start(3, &["--tls-client-auth", "optional"]);
+    let key = AuthServiceClient::new(cl.pod(0).channel().await)
+        .create_api_key(CreateApiKeyRequest {
+            name: "reader".into(),
+            scopes: vec!["read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let secret: tonic::metadata::MetadataValue<_> = key.secret.parse().unwrap();
+    let list_with_key = |i: usize| {
+        let addr = cl.pod(i).grpc;
+        let ca = cl.pod(i).tls_dir().join("ca.crt");
+        let secret = secret.clone();
+        async move {
+            let ch = common::try_channel(addr, Some(&ca), None).await.unwrap();
+            let mut c = FileServiceClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("x-api-key", secret.clone());
+                Ok(r)
+            });
+            c.list_files(ListFilesRequest::default()).await.map(|_| ())
+        }
+    };
+    // Known on every pod as soon as CreateApiKey answered.
+    for i in 0..3 {
+        list_with_key(i).await.unwrap_or_else(|e| panic!("pod {i}: {e:?}"));
+    }
+    // Revoked on pod 2: refused on every pod.
+    AuthServiceClient::new(cl.pod(2).channel().await)
+        .revoke_api_key(RevokeApiKeyRequest {
+            id: key.key.as_ref().unwrap().id.clone(),
+        })
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let e = list_with_key(i).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "pod {i}: {e:?}");
+    }
+    // A pod that was down while a key was made learns it from anti-entropy.
+    cl.kill(1);
+    let key2 = AuthServiceClient::new(cl.pod(0).channel().await)
+        .create_api_key(CreateApiKeyRequest {
+            name: "later".into(),
+            scopes: vec!["read".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cl.start_pod(1);
+    let secret2: tonic::metadata::MetadataValue<_> = key2.secret.parse().unwrap();
+    let addr = cl.pod(1).grpc;
+    let ca = cl.pod(1).tls_dir().join("ca.crt");
+    eventually("pod 1 knows the key made while it was down", WAIT, || {
+        let secret2 = secret2.clone();
+        let ca = ca.clone();
+        async move {
+            let ch = common::try_channel(addr, Some(&ca), None).await.unwrap();
+            let mut c = FileServiceClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("x-api-key", secret2.clone());
+                Ok(r)
+            });
+            c.list_files(ListFilesRequest::default()).await.is_ok()
+        }
+    })
+    .await;
+}
