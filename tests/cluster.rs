@@ -111,7 +111,7 @@ impl Cluster {
             s("--chunk-size"),
             s("65536"),
             s("--replication-timeout"),
-            s("1s"),
+            s("2s"),
             s("--anti-entropy-interval"),
             s("1s"),
         ] {
@@ -260,6 +260,26 @@ fn statuses(r: &FileResponse) -> Vec<String> {
     r.replicas.iter().map(|x| x.status.clone()).collect()
 }
 
+/// Three replicas listed, a majority of them synced (a replica slower than the coordinator's
+/// straggler grace, on a loaded machine, is `pending` and gets the file from the hand-off
+/// queue).
+fn assert_acknowledged_by_majority(r: &FileResponse) {
+    assert_eq!(r.replicas.len(), 3, "{r:?}");
+    let synced = r.replicas.iter().filter(|x| x.status == "synced").count();
+    assert!(synced >= 2, "{r:?}");
+    assert!(
+        r.replicas.iter().all(|x| x.status == "synced" || x.status == "pending"),
+        "{r:?}"
+    );
+}
+
+/// Waits until no pod has replicas left to hand off.
+fn wait_drained(cl: &Cluster) {
+    for p in cl.pods.iter().flatten() {
+        p.wait_metric("peervault_replication_handoff_queue_depth", &[], |v| v == 0.0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themselves() {
     let mut cl = Cluster::start(3, &[]);
@@ -267,10 +287,10 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
     let big = content(2, 300_000); // 5 chunks of 64 KiB
     let mut c0 = cl.files(0).await;
     let r = upload(&mut c0, "docs/small", &small).await.unwrap();
-    assert_eq!(r.replicas.len(), 3, "{r:?}");
-    assert_eq!(statuses(&r), ["synced"; 3], "{r:?}");
+    assert_acknowledged_by_majority(&r);
     let r = upload(&mut c0, "docs/big", &big).await.unwrap();
-    assert_eq!(statuses(&r), ["synced"; 3], "{r:?}");
+    assert_acknowledged_by_majority(&r);
+    wait_drained(&cl);
 
     // Every pod serves both and lists both.
     for i in 0..3 {
@@ -377,9 +397,10 @@ async fn five_pods_place_three_copies_and_list_the_whole_store_from_any_pod() {
         let mut c = cl.files((i % 5) as usize).await;
         let len = if i % 3 == 0 { 150_000 } else { 1000 + i as usize };
         let r = upload(&mut c, &key, &content(i, len)).await.unwrap();
-        assert_eq!(statuses(&r), ["synced"; 3], "{key}: {r:?}");
+        assert_acknowledged_by_majority(&r);
         want.insert(key);
     }
+    wait_drained(&cl);
     let want: Vec<String> = want.into_iter().collect();
     // Three copies in all: 75 file records over the five pods.
     let total: f64 = (0..5)
