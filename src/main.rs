@@ -5,6 +5,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod certs;
+mod metric_names;
 use peervault_runtime::{Runtime, ServeConfig, Services};
 
 #[derive(Parser)]
@@ -18,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run one role (or all of them) until SIGTERM/SIGINT.
@@ -25,11 +30,31 @@ enum Command {
         /// Which services this process runs.
         #[arg(value_enum)]
         role: Role,
+        // Boxed: the flag sets are large and the other commands are tiny (clippy's
+        // large_enum_variant).
         #[command(flatten)]
-        config: ServeConfig,
+        config: Box<ServeConfig>,
         #[command(flatten)]
-        blob: peervault_blob::BlobConfig,
+        blob: Box<peervault_blob::BlobConfig>,
     },
+    /// Certificates for deployments (the Helm chart's init container).
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Facts about the metrics this binary exports.
+    #[command(subcommand)]
+    Metrics(MetricsCommand),
+}
+
+#[derive(Subcommand)]
+enum MetricsCommand {
+    /// Print every metric name, one a line (the list dashboards and alert rules are checked against).
+    Names,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Issue a service certificate (URI SAN identities, DNS names, IPs) signed by a CA.
+    Issue(certs::IssueArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,7 +82,24 @@ impl Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve { role, config, blob } = cli.command;
+    let (role, config, blob) = match cli.command {
+        Command::Serve { role, config, blob } => (role, *config, *blob),
+        Command::Metrics(MetricsCommand::Names) => {
+            for name in metric_names::all() {
+                println!("{name}");
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Certs(CertsCommand::Issue(args)) => {
+            return match certs::issue(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("peervault certs issue: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -84,7 +126,7 @@ async fn run(role: Role, config: ServeConfig, blob: peervault_blob::BlobConfig) 
     match role {
         Role::All => {
             // Events first: blob and peer of this process publish to it.
-            services.extend(peervault_events::start(&ctx, ws_tokens(&ctx)).await?.services);
+            services.extend(peervault_events::start(&ctx).await?.services);
             let upstreams = peervault_blob::Upstreams::from_context(&ctx, true, true);
             // The peer service with a membership of this process itself (unless --peers says
             // otherwise), and the blob side subscribed to it.
@@ -108,7 +150,7 @@ async fn run(role: Role, config: ServeConfig, blob: peervault_blob::BlobConfig) 
             services.extend(start_peer(&ctx, events, None).await?);
         }
         Role::Events => {
-            services.extend(peervault_events::start(&ctx, ws_tokens(&ctx)).await?.services);
+            services.extend(peervault_events::start(&ctx).await?.services);
         }
     }
     runtime.serve(services).await?;
@@ -154,32 +196,4 @@ fn start_membership(
             Ok(None)
         }
     }
-}
-
-/// WebSocket clients authenticated with the same API keys and JWTs as gRPC callers, when
-/// `--ws-token-auth` asks for it; refusals are counted like any other auth failure.
-struct WsTokens(peervault_runtime::ServiceContext);
-
-impl peervault_events::ws::TokenValidator for WsTokens {
-    fn validate(&self, token: &str) -> Result<String, String> {
-        match self
-            .0
-            .authorizer
-            .authenticate_token(token, peervault_runtime::auth::Scope::Read)
-        {
-            Ok(caller) => Ok(caller.identity.to_string()),
-            Err((status, reason)) => {
-                self.0.metrics.auth_failures.with_label_values(&[reason]).inc();
-                Err(status.message().to_string())
-            }
-        }
-    }
-}
-
-fn ws_tokens(
-    ctx: &peervault_runtime::ServiceContext,
-) -> Option<std::sync::Arc<dyn peervault_events::ws::TokenValidator>> {
-    ctx.config
-        .ws_token_auth
-        .then(|| std::sync::Arc::new(WsTokens(ctx.clone())) as std::sync::Arc<dyn peervault_events::ws::TokenValidator>)
 }

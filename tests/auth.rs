@@ -387,9 +387,7 @@ async fn service_account_jwts_verify_against_a_jwks_file_that_can_be_swapped() {
 }
 
 /// The next text message of a WebSocket as JSON, or None when the server closed.
-async fn ws_text(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-) -> Option<serde_json::Value> {
+async fn ws_text(ws: &mut common::ws::Wss) -> Option<serde_json::Value> {
     use futures_util::StreamExt;
     loop {
         match tokio::time::timeout(WAIT, ws.next())
@@ -407,14 +405,16 @@ async fn ws_text(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_websocket_gateway_accepts_the_same_api_keys() {
-    let (node, http) = NodeBuilder::new("all").arg("--ws-token-auth").start_events();
+    use common::ws::{Cred, wss_connect};
+    // Token auth is the default: no flag needed.
+    let (node, http) = NodeBuilder::new("all").start_events_ws();
     let admin = node.channel().await;
     let (_, key) = create_key(&admin, "dashboard", &["read"], "").await;
-    let (mut ok, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws?token={key}"))
-        .await
-        .unwrap();
+    let mut ok = wss_connect(&http, &Cred::Query(key.clone()), None).await.unwrap();
     assert_eq!(ws_text(&mut ok).await.unwrap()["type"], "connected");
-    let (mut bad, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws?token=pvk_wrong"))
+    let mut ok = wss_connect(&http, &Cred::Bearer(key), None).await.unwrap();
+    assert_eq!(ws_text(&mut ok).await.unwrap()["type"], "connected");
+    let mut bad = wss_connect(&http, &Cred::Query("pvk_wrong".into()), None)
         .await
         .unwrap();
     let mut codes = Vec::new();

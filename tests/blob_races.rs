@@ -73,7 +73,7 @@ impl Session {
             match self.rx.message().await? {
                 Some(UploadResponse {
                     response: Some(Down::Ack(a)),
-                }) => return Ok((a.upload_id, a.received_bytes as u64)),
+                }) => return Ok((a.upload_id, a.received_bytes)),
                 Some(_) => continue,
                 None => return Err(tonic::Status::unknown("stream ended")),
             }

@@ -4,22 +4,22 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{Node, NodeBuilder, WAIT, free_port, http_get};
+use common::{
+    Node, NodeBuilder, WAIT, free_port,
+    ws::{Cred, WsTarget, https_get, wss_connect},
+};
 use futures_util::{SinkExt, StreamExt};
 use peervault_proto::v1::{
     Event, FileChunk, PublishRequest, SubscribeRequest, event::Payload, event_service_client::EventServiceClient,
     file_service_client::FileServiceClient, peer_vault_service_client::PeerVaultServiceClient,
 };
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tonic::Streaming;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = common::ws::Wss;
 
 /// An events node that publishes no metrics events of its own, so sequence numbers in a test
 /// are the test's alone.
@@ -64,11 +64,12 @@ async fn next<T>(s: &mut Streaming<T>) -> T {
         .expect("stream ended")
 }
 
-async fn ws_connect(http: SocketAddr) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
+/// A WebSocket over TLS authenticated with the development client certificate (the port's
+/// default: TLS, credentials required).
+async fn ws_connect(http: &WsTarget) -> Ws {
+    wss_connect(http, &Cred::DevCert, None)
         .await
-        .expect("WebSocket connect");
-    ws
+        .expect("WebSocket connect")
 }
 
 /// The next text message as JSON (pings and pongs skipped), bounded in time.
@@ -94,7 +95,7 @@ async fn ws_send(ws: &mut Ws, v: Value) {
 }
 
 /// Connects, checks the welcome message and subscribes to `topic`.
-async fn ws_subscribed(http: SocketAddr, topic: &str) -> Ws {
+async fn ws_subscribed(http: &WsTarget, topic: &str) -> Ws {
     let mut ws = ws_connect(http).await;
     let hello = ws_next(&mut ws).await;
     assert_eq!(hello["type"], "connected", "{hello}");
@@ -129,7 +130,7 @@ fn seq_of(e: &Event) -> u64 {
 
 #[tokio::test]
 async fn published_events_reach_grpc_and_websocket_subscribers() {
-    let (node, http) = quiet_events().start_events();
+    let (node, http) = quiet_events().start_events_ws();
     let mut sub = subscribe(
         &node,
         SubscribeRequest {
@@ -143,8 +144,8 @@ async fn published_events_reach_grpc_and_websocket_subscribers() {
         .await
         .unwrap()
         .into_inner();
-    let mut ws = ws_subscribed(http, "file_operations").await;
-    let mut ws_system = ws_subscribed(http, "system").await;
+    let mut ws = ws_subscribed(&http, "file_operations").await;
+    let mut ws_system = ws_subscribed(&http, "system").await;
 
     assert_eq!(publish(&node, vec![file_event("e1", "photos/cat.jpg")]).await, 1);
 
@@ -313,10 +314,10 @@ async fn a_stalled_subscriber_does_not_delay_a_fast_one() {
     let (node, http) = NodeBuilder::new("events")
         .arg("--events-subscriber-queue")
         .arg("256")
-        .start_events();
+        .start_events_ws();
     // Never read: its transport buffers fill, then it falls behind the hub's ring.
     let mut stalled = subscribe(&node, SubscribeRequest::default()).await;
-    let mut stalled_ws = ws_subscribed(http, "file_operations").await;
+    let mut stalled_ws = ws_subscribed(&http, "file_operations").await;
     let mut fast = subscribe(&node, SubscribeRequest::default()).await;
     let pad = "x".repeat(4000);
     let total = 3000u64;
@@ -403,8 +404,8 @@ async fn each_bad_websocket_input_is_answered_and_the_connection_survives() {
     let (node, http) = NodeBuilder::new("events")
         .arg("--ws-max-message-size")
         .arg("4096")
-        .start_events();
-    let mut ws = ws_connect(http).await;
+        .start_events_ws();
+    let mut ws = ws_connect(&http).await;
     assert_eq!(ws_next(&mut ws).await["type"], "connected");
     let cases: [(Message, &str); 7] = [
         (Message::text("this is not json"), "not valid JSON"),
@@ -441,7 +442,7 @@ async fn each_bad_websocket_input_is_answered_and_the_connection_survives() {
     assert_eq!(e["data"]["code"], "INVALID_MESSAGE", "{e}");
     assert!(e["data"]["message"].as_str().unwrap().contains("4096"), "{e}");
     assert_eq!(ws_close_code(&mut ws).await, Some(1009));
-    let _ = ws_subscribed(http, "alerts").await;
+    let _ = ws_subscribed(&http, "alerts").await;
 
     node.wait_metric("peervault_events_ws_errors_total", &["code=\"INVALID_MESSAGE\""], |v| {
         v == 8.0
@@ -463,8 +464,8 @@ async fn a_client_over_its_rate_is_told_when_to_retry() {
     let (_node, http) = NodeBuilder::new("events")
         .arg("--ws-messages-per-second")
         .arg("20")
-        .start_events();
-    let mut ws = ws_connect(http).await;
+        .start_events_ws();
+    let mut ws = ws_connect(&http).await;
     assert_eq!(ws_next(&mut ws).await["type"], "connected");
     for _ in 0..40 {
         ws_send(&mut ws, json!({"type": "ping"})).await;
@@ -506,13 +507,13 @@ async fn connections_over_the_limit_and_foreign_origins_are_refused() {
         .arg("3")
         .arg("--ws-cors-origins")
         .arg("https://dash.example")
-        .start_events();
+        .start_events_ws();
     let mut open = Vec::new();
     for _ in 0..3 {
-        open.push(ws_subscribed(http, "system").await);
+        open.push(ws_subscribed(&http, "system").await);
     }
     // The 4th (with a limit of 3; 1001st with the default) is refused with CONNECTION_REFUSED.
-    let mut extra = ws_connect(http).await;
+    let mut extra = ws_connect(&http).await;
     let e = ws_next(&mut extra).await;
     assert_eq!(e["data"]["code"], "CONNECTION_REFUSED", "{e}");
     assert!(e["data"]["message"].as_str().unwrap().contains('3'), "{e}");
@@ -524,7 +525,7 @@ async fn connections_over_the_limit_and_foreign_origins_are_refused() {
     let mut gone = open.pop().unwrap();
     gone.close(None).await.unwrap();
     node.wait_metric("peervault_events_ws_connections", &[], |v| v == 2.0);
-    open.push(ws_subscribed(http, "system").await);
+    open.push(ws_subscribed(&http, "system").await);
     node.wait_metric(
         "peervault_events_ws_rejects_total",
         &["reason=\"connection_limit\""],
@@ -534,15 +535,11 @@ async fn connections_over_the_limit_and_foreign_origins_are_refused() {
     drop(open);
     node.wait_metric("peervault_events_ws_connections", &[], |v| v == 0.0);
     // Origins: a listed one is admitted, another refused before the upgrade with 403.
-    let mut req = format!("ws://{http}/ws").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("origin", "https://dash.example".parse().unwrap());
-    let (mut ok, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ok = wss_connect(&http, &Cred::DevCert, Some("https://dash.example"))
+        .await
+        .unwrap();
     assert_eq!(ws_next(&mut ok).await["type"], "connected");
-    let mut req = format!("ws://{http}/ws").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("origin", "https://evil.example".parse().unwrap());
-    match tokio_tungstenite::connect_async(req).await {
+    match wss_connect(&http, &Cred::DevCert, Some("https://evil.example")).await {
         Err(tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status(), 403);
             let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
@@ -563,13 +560,13 @@ async fn http_endpoints_report_health_metrics_and_status() {
     let (_node, http) = NodeBuilder::new("events")
         .arg("--ws-max-connections")
         .arg("7")
-        .start_events();
-    let _ws = ws_subscribed(http, "alerts").await;
-    let (code, body) = http_get(http, "/ws/health");
+        .start_events_ws();
+    let _ws = ws_subscribed(&http, "alerts").await;
+    let (code, body) = https_get(&http, "/ws/health").await;
     assert_eq!(code, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "healthy");
-    let (code, body) = http_get(http, "/ws/status");
+    let (code, body) = https_get(&http, "/ws/status").await;
     assert_eq!(code, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["limits"]["maxConnections"], 7);
@@ -579,7 +576,7 @@ async fn http_endpoints_report_health_metrics_and_status() {
     assert_eq!(v["timeouts"]["pongWait"], "1m");
     assert_eq!(v["subscriptions"]["alerts"], 1);
     assert_eq!(v["connections"], 1);
-    let (code, body) = http_get(http, "/ws/metrics");
+    let (code, body) = https_get(&http, "/ws/metrics").await;
     assert_eq!(code, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["connections"], 1);
@@ -588,8 +585,8 @@ async fn http_endpoints_report_health_metrics_and_status() {
 
 #[tokio::test]
 async fn an_upload_through_blob_reaches_grpc_and_websocket_subscribers() {
-    let (node, http) = NodeBuilder::new("all").start_events();
-    let mut ws = ws_subscribed(http, "file_operations").await;
+    let (node, http) = NodeBuilder::new("all").start_events_ws();
+    let mut ws = ws_subscribed(&http, "file_operations").await;
     // The published stream, relayed by blob's PeerVaultService from the events service.
     let mut relayed = PeerVaultServiceClient::new(node.channel().await)
         .stream_file_operations(())
@@ -693,8 +690,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 // GOAWAY) while the test thread waits for the process to exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_websockets_and_ends_streams_then_exits_zero() {
-    let (mut node, http) = quiet_events().start_events();
-    let mut ws = ws_subscribed(http, "system").await;
+    let (mut node, http) = quiet_events().start_events_ws();
+    let mut ws = ws_subscribed(&http, "system").await;
     let mut sub = subscribe(&node, SubscribeRequest::default()).await;
     node.signal("TERM");
     assert_eq!(ws_close_code(&mut ws).await, Some(1001));
@@ -754,9 +751,9 @@ async fn silent_clients_are_closed_after_the_pong_wait_and_answering_ones_stay()
         .arg("200ms")
         .arg("--ws-pong-wait")
         .arg("600ms")
-        .start_events();
-    let mut reading = ws_subscribed(http, "system").await;
-    let mut silent = ws_subscribed(http, "system").await;
+        .start_events_ws();
+    let mut reading = ws_subscribed(&http, "system").await;
+    let mut silent = ws_subscribed(&http, "system").await;
     // The reading client answers pings (tungstenite replies while reading) for 2 s.
     let reader = tokio::spawn(async move {
         let until = Instant::now() + Duration::from_secs(2);

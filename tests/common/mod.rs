@@ -13,9 +13,14 @@ use std::{
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-/// The server binary built for these tests.
+pub mod ws;
+
+/// The server binary built for these tests (`PEERVAULT_TEST_BIN` runs the same tests against
+/// another build, e.g. to show a test fails before a fix).
 pub fn peervault_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_peervault"))
+    std::env::var_os("PEERVAULT_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_peervault")))
 }
 
 /// Upper bound for any wait in these tests; only reached when something is broken.

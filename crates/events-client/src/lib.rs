@@ -33,6 +33,7 @@ use peervault_runtime::{
 };
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 pub use sampler::MetricsSampler;
 
@@ -215,6 +216,13 @@ impl EventPublisher {
         if event.source.is_empty() {
             event.source = self.source.clone();
         }
+        // The span that produced the event (an upload's, a probe's…): subscribers can continue
+        // its trace, and the batched Publish links to it.
+        if event.traceparent.is_empty()
+            && let Some(tp) = peervault_runtime::telemetry::current_traceparent()
+        {
+            event.traceparent = tp;
+        }
         let queues = read(&self.queues);
         if queues.is_empty() {
             drop(queues);
@@ -265,27 +273,9 @@ fn spawn_sender(label: String, channel: ServiceChannel, metrics: &PublisherMetri
 }
 
 /// A channel to `addr` that verifies the server certificate against `domain` (the DNS name the
-/// address came from), with the same settings as the runtime's service channels.
+/// address came from): the runtime's service channel, so rotated certificates apply.
 fn channel_to(ctx: &ServiceContext, addr: SocketAddr, domain: &str) -> Result<ServiceChannel, ClientError> {
-    use tower_layer::Layer;
-    let bad = |reason: String| ClientError::Endpoint {
-        flag: "--events-endpoint",
-        endpoint: addr.to_string(),
-        reason,
-    };
-    let scheme = if ctx.tls_files().is_some() { "https" } else { "http" };
-    let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
-    if let Some(files) = ctx.tls_files() {
-        ep = ep
-            .tls_config(peervault_runtime::tls::service_client_tls(files, domain)?)
-            .map_err(|e| bad(e.to_string()))?;
-    }
-    Ok(peervault_runtime::telemetry::ClientTraceLayer.layer(ep.connect_lazy()))
+    ctx.channel_to("--events-endpoint", addr, domain)
 }
 
 /// Resolves `host` every `--dns-interval` and keeps one queue per address it resolves to.
@@ -435,7 +425,13 @@ async fn sender(
         }
         let mut req = tonic::Request::new(PublishRequest { events: batch.clone() });
         req.set_timeout(Duration::from_secs(5));
-        match client.publish(req).await {
+        // A batch is a trace of its own (events of many requests travel together), linked to
+        // the span of every event it carries.
+        let span = tracing::info_span!("events.publish", otel.kind = "producer", endpoint = %endpoint, events = batch.len(), links = tracing::field::Empty);
+        let links =
+            peervault_runtime::telemetry::link_traceparents(&span, batch.iter().map(|e| e.traceparent.as_str()));
+        span.record("links", links);
+        match client.publish(req).instrument(span).await {
             Ok(_) => {
                 for e in &batch {
                     metrics.published.with_label_values(&[e.topic.as_str()]).inc();

@@ -94,18 +94,54 @@ pub struct ServeConfig {
     #[arg(long, env = "PEERVAULT_JWT_ISSUER", value_name = "ISSUER")]
     pub jwt_issuer: Option<String>,
 
-    /// Required `aud` of accepted JWTs (one of the token's audiences must match).
+    /// Required `aud` of accepted JWTs (one of the token's audiences must match; a token without
+    /// `aud` is refused). Required with `--jwt-jwks-file` unless `--jwt-allow-any-audience`.
     #[arg(long, env = "PEERVAULT_JWT_AUDIENCE", value_name = "AUDIENCE")]
     pub jwt_audience: Option<String>,
+
+    /// Accept JWTs from `--jwt-jwks-file` for any audience (otherwise `--jwt-audience` is
+    /// required: a cluster's service-account keys sign tokens meant for every other service too).
+    #[arg(long, env = "PEERVAULT_JWT_ALLOW_ANY_AUDIENCE", default_value_t = false)]
+    pub jwt_allow_any_audience: bool,
+
+    /// gRPC address of a blob node (`HOST:PORT`, e.g. the blob client Service) that verifies API
+    /// keys for a process without a key store (`serve peer`, `serve events`). Blob nodes use
+    /// their own.
+    #[arg(long, env = "PEERVAULT_AUTH_ENDPOINT", value_name = "HOST:PORT")]
+    pub auth_endpoint: Option<String>,
+
+    /// How long an API key verified through `--auth-endpoint` is trusted before it is asked
+    /// about again (revocation takes effect within this time).
+    #[arg(long, env = "PEERVAULT_AUTH_CACHE_TTL", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub auth_cache_ttl: Duration,
 
     /// YAML file mapping certificate SANs and JWT subjects to scopes (`read`, `write`, `admin`).
     #[arg(long, env = "PEERVAULT_AUTH_CONFIG", value_name = "FILE")]
     pub auth_config: Option<PathBuf>,
 
-    /// Require WebSocket clients to present an API key or JWT with the `read` scope (`?token=`,
-    /// `Authorization: Bearer`, or an `auth` message).
-    #[arg(long, env = "PEERVAULT_WS_TOKEN_AUTH", default_value_t = false)]
+    /// WebSocket clients must present credentials with the `read` scope: a client certificate,
+    /// or an API key or JWT (`?token=`, `Authorization: Bearer`, or an `auth` message). This is
+    /// the default; the flag is kept so existing scripts still parse.
+    #[arg(long, env = "PEERVAULT_WS_TOKEN_AUTH", default_value_t = true)]
     pub ws_token_auth: bool,
+
+    /// Admit WebSocket clients without credentials (they see every event but file events
+    /// outside no prefix). Not combinable with `--ws-cors-origins '*'`.
+    #[arg(long, env = "PEERVAULT_WS_ALLOW_ANONYMOUS", default_value_t = false)]
+    pub ws_allow_anonymous: bool,
+
+    /// Most open connections on the gRPC port; further ones are closed at once.
+    #[arg(long, env = "PEERVAULT_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub max_connections: u32,
+
+    /// Time a client has to complete the TLS handshake on the gRPC and WebSocket ports.
+    #[arg(long, env = "PEERVAULT_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub tls_handshake_timeout: Duration,
+
+    /// Time a client of the admin port has to send its request head; a connection serves one
+    /// request and closes, and no request may take longer than three times this.
+    #[arg(long, env = "PEERVAULT_ADMIN_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub admin_read_timeout: Duration,
 
     /// How often certificate and key files are checked for changes (they are reloaded without a restart).
     #[arg(long, env = "PEERVAULT_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
@@ -301,8 +337,8 @@ pub struct EventsFlags {
     #[arg(long, env = "PEERVAULT_WS_PORT", value_name = "PORT")]
     pub ws_port: Option<u16>,
 
-    /// Origins allowed to open WebSockets, comma-separated, or `*` for all [default: `*` with
-    /// development certificates or --insecure, else same-origin only].
+    /// Origins allowed to open WebSockets besides the page's own, comma-separated, or `*` for
+    /// all (refused together with --ws-allow-anonymous) [default: none beyond same-origin].
     #[arg(long, env = "PEERVAULT_WS_CORS_ORIGINS", value_name = "ORIGINS")]
     pub ws_cors_origins: Option<String>,
 
@@ -325,6 +361,10 @@ pub struct EventsFlags {
     /// Most concurrent WebSocket connections [default: 1000].
     #[arg(long, env = "PEERVAULT_WS_MAX_CONNECTIONS", value_name = "N")]
     pub ws_max_connections: Option<u32>,
+
+    /// Most concurrent WebSocket connections from one client address [default: 100].
+    #[arg(long, env = "PEERVAULT_WS_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N")]
+    pub ws_max_connections_per_address: Option<u32>,
 
     /// Largest message a client may send, in bytes [default: 1048576].
     #[arg(long, env = "PEERVAULT_WS_MAX_MESSAGE_SIZE", value_name = "BYTES")]
@@ -389,6 +429,8 @@ mod tests {
         assert_eq!(cli.cfg.tls_client_auth, ClientAuth::Required);
         assert_eq!(cli.cfg.max_concurrent_streams, 100);
         assert!(!cli.cfg.insecure);
+        assert!(cli.cfg.ws_token_auth && !cli.cfg.ws_allow_anonymous);
+        assert!(!cli.cfg.jwt_allow_any_audience);
     }
 
     #[test]

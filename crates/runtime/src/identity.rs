@@ -81,9 +81,11 @@ impl Identity {
             }
         }
         let prefix = format!("spiffe://{trust_domain}/peervault/");
+        // Only the three PeerVault services are service identities; `…/peervault/<anything
+        // else>` is an ordinary client (a CA that issues such names must not mint services).
         if let Some(id) = uris.iter().find(|u| {
             u.strip_prefix(&prefix)
-                .is_some_and(|s| !s.is_empty() && !s.contains('/'))
+                .is_some_and(|s| crate::tls::SERVICE_NAMES.contains(&s))
         }) {
             return Identity::Service {
                 service: id[prefix.len()..].to_string(),
@@ -143,6 +145,9 @@ pub struct Caller {
     pub scopes: crate::auth::ScopeSet,
     /// The key prefix the caller is limited to (files outside it are invisible to it).
     pub key_prefix: Option<String>,
+    /// When the credential stops being valid (a JWT's `exp`, an API key's expiry): streams the
+    /// caller opened end then.
+    pub valid_until: Option<std::time::SystemTime>,
 }
 
 impl Caller {
@@ -170,6 +175,23 @@ mod tests {
         let client = Identity::from_certificate(&der(&set.client_cert_pem), "peervault.local");
         assert_eq!(client.to_string(), "spiffe://peervault.local/client/dev");
         assert!(!client.is_service());
+    }
+
+    #[test]
+    fn only_the_three_services_are_service_identities() {
+        let ca = crate::tls::CaIssuer::generate("t").unwrap();
+        for (name, service) in [
+            ("blob", true),
+            ("peer", true),
+            ("events", true),
+            ("admin", false),
+            ("x", false),
+        ] {
+            let san = rcgen::SanType::URI(format!("spiffe://peervault.local/peervault/{name}").try_into().unwrap());
+            let (pem, _) = ca.leaf("c", vec![san]).unwrap();
+            let id = Identity::from_certificate(&der(&pem), "peervault.local");
+            assert_eq!(id.is_service(), service, "{name}: {id:?}");
+        }
     }
 
     #[test]

@@ -23,7 +23,10 @@ use prometheus::{
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// Every metric name the services export. Dashboards and alerts use only names from this list.
+/// The runtime's metric names (every process exports them). The one list of every name the
+/// services export is the union of this and each crate's `names::ALL`, built in the binary
+/// (`src/metric_names.rs`, printed by `peervault metrics names`); dashboards and alert rules
+/// use only names from it.
 pub mod names {
     /// RPCs started on the server.
     pub const GRPC_SERVER_STARTED_TOTAL: &str = "grpc_server_started_total";
@@ -49,6 +52,10 @@ pub mod names {
     pub const TLS_RELOADS_TOTAL: &str = "peervault_tls_reloads_total";
     /// Calls refused by the auth layer, by reason.
     pub const AUTH_FAILURES_TOTAL: &str = "peervault_auth_failures_total";
+    /// Streams ended because the credential that opened them was revoked or expired, by reason.
+    pub const AUTH_STREAMS_ENDED_TOTAL: &str = "peervault_auth_streams_ended_total";
+    /// Connections closed before serving: over `--max-connections`, or slow on the admin port.
+    pub const CONNECTIONS_REFUSED_TOTAL: &str = "peervault_connections_refused_total";
     /// Process start time, seconds since the epoch (also `process_start_time_seconds`).
     pub const START_TIME_SECONDS: &str = "peervault_start_time_seconds";
 
@@ -66,6 +73,8 @@ pub mod names {
         TLS_HANDSHAKE_FAILURES_TOTAL,
         TLS_RELOADS_TOTAL,
         AUTH_FAILURES_TOTAL,
+        AUTH_STREAMS_ENDED_TOTAL,
+        CONNECTIONS_REFUSED_TOTAL,
         START_TIME_SECONDS,
     ];
 }
@@ -94,6 +103,10 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// `peervault_auth_failures_total{reason}`.
     pub auth_failures: IntCounterVec,
+    /// `peervault_auth_streams_ended_total{reason}`.
+    pub streams_ended: IntCounterVec,
+    /// `peervault_connections_refused_total{port,reason}`.
+    pub connections_refused: IntCounterVec,
     requests: Arc<RequestCounter>,
     methods: Arc<HashMap<String, (&'static str, String, String)>>,
 }
@@ -207,6 +220,20 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let streams_ended = IntCounterVec::new(
+            Opts::new(
+                names::AUTH_STREAMS_ENDED_TOTAL,
+                "Streams ended because their credential was revoked or expired, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                names::CONNECTIONS_REFUSED_TOTAL,
+                "Connections closed before being served (connection cap, handshake or header timeout), by port and reason.",
+            ),
+            &["port", "reason"],
+        )?;
         let start_time = prometheus::Gauge::new(
             names::START_TIME_SECONDS,
             "Process start time, seconds since the epoch.",
@@ -224,6 +251,8 @@ impl Metrics {
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(tls_reloads.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
+        registry.register(Box::new(streams_ended.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(start_time))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
@@ -260,6 +289,8 @@ impl Metrics {
             tls_handshake_failures,
             tls_reloads,
             auth_failures,
+            streams_ended,
+            connections_refused,
             requests: Arc::new(RequestCounter {
                 total: AtomicU64::new(0),
                 window: Mutex::new(RateWindow {
@@ -631,6 +662,8 @@ mod tests {
         m.tls_handshake_failures.with_label_values(&["x"]).inc();
         m.tls_reloads.with_label_values(&["ok"]).inc();
         m.auth_failures.with_label_values(&["x"]).inc();
+        m.streams_ended.with_label_values(&["x"]).inc();
+        m.connections_refused.with_label_values(&["grpc", "x"]).inc();
         let text = m.encode();
         for name in names::ALL {
             assert!(text.contains(name), "{name} missing from /metrics");

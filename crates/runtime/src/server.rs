@@ -148,14 +148,33 @@ pub struct ServiceContext {
     /// The auth layer's decision maker (the blob service installs its API key store here).
     pub authorizer: Arc<crate::auth::Authorizer>,
     tls: Option<TlsFiles>,
+    tls_state: Option<Arc<ReloadableServerConfig>>,
     draining: watch::Receiver<bool>,
 }
 
 impl ServiceContext {
     /// A channel to another PeerVault service at `endpoint`, with mutual TLS unless `--insecure`.
     /// `flag` names where the endpoint came from, for error messages.
+    /// Every connection the channel opens uses the certificates current at that moment.
     pub fn channel(&self, flag: &'static str, endpoint: &str) -> Result<ServiceChannel, ClientError> {
-        service_channel(flag, endpoint, self.tls.as_ref(), Duration::from_secs(5))
+        service_channel(flag, endpoint, self.tls_state.as_ref(), Duration::from_secs(5))
+    }
+
+    /// As [`ServiceContext::channel`], dialling `addr` and verifying the server's certificate
+    /// against `domain` (the name `addr` was resolved from).
+    pub fn channel_to(
+        &self,
+        flag: &'static str,
+        addr: SocketAddr,
+        domain: &str,
+    ) -> Result<ServiceChannel, ClientError> {
+        crate::client::service_channel_to(flag, addr, domain, self.tls_state.as_ref(), Duration::from_secs(5))
+    }
+
+    /// The process's reloadable TLS state (None with `--insecure`), for services that run their
+    /// own TLS listeners (the events WebSocket port).
+    pub fn tls_state(&self) -> Option<&Arc<ReloadableServerConfig>> {
+        self.tls_state.as_ref()
     }
 
     /// Completes when the process starts to shut down (SIGTERM/SIGINT): background tasks and
@@ -290,9 +309,12 @@ impl Runtime {
             config.jwt_jwks_file.as_deref(),
             config.jwt_issuer.clone(),
             config.jwt_audience.clone(),
+            config.jwt_allow_any_audience,
         )
         .map_err(StartError::Config)?;
-        let authorizer = Arc::new(crate::auth::Authorizer::new(config.trust_domain.clone(), scopes, jwt));
+        let authorizer = Arc::new(
+            crate::auth::Authorizer::new(config.trust_domain.clone(), scopes, jwt).with_metrics(metrics.clone()),
+        );
         let system = SystemApi::new(
             metrics.clone(),
             role.to_string(),
@@ -301,6 +323,14 @@ impl Runtime {
             health.clone(),
             ready.clone(),
         );
+        if let Some(ep) = &config.auth_endpoint {
+            // A blob node answers for API keys here; `serve blob`/`all` install their own store
+            // over this.
+            let ch = service_channel("--auth-endpoint", ep, tls.as_ref(), Duration::from_secs(5))?;
+            let remote = crate::auth::remote::RemoteKeys::new(ch, config.auth_cache_ttl);
+            authorizer.set_api_key_verifier(Arc::new(crate::auth::remote::CachedRemoteKeys(remote)));
+            tracing::info!(endpoint = %ep, ttl_secs = config.auth_cache_ttl.as_secs_f64(), "API keys are verified by the blob node at --auth-endpoint");
+        }
         let ctx = ServiceContext {
             metrics,
             config: Arc::new(config),
@@ -310,6 +340,7 @@ impl Runtime {
             system,
             authorizer,
             tls: tls_files,
+            tls_state: tls.clone(),
             draining,
         };
         Ok(Runtime {
@@ -432,6 +463,10 @@ impl Runtime {
         tokio::spawn(accept_loop(
             grpc_listener,
             tls.clone(),
+            AcceptLimits {
+                max_connections: cfg.max_connections as usize,
+                handshake_timeout: cfg.tls_handshake_timeout,
+            },
             ctx.metrics.clone(),
             conn_tx,
             shutdown_rx.clone(),
@@ -440,6 +475,7 @@ impl Runtime {
             admin_listener,
             ctx.metrics.clone(),
             ready.clone(),
+            cfg.admin_read_timeout,
             stopped_rx.clone(),
         ));
         if let Some(tls) = &tls {
@@ -545,16 +581,25 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Handshakes must finish quickly; a client that stalls mid-handshake loses its slot.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection-level limits of the gRPC port.
+struct AcceptLimits {
+    /// Open connections (handshaking ones included); beyond, new ones are closed at once.
+    max_connections: usize,
+    /// A client that stalls mid-handshake loses its slot after this.
+    handshake_timeout: Duration,
+}
 
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<ReloadableServerConfig>>,
+    limits: AcceptLimits,
     metrics: Metrics,
     tx: mpsc::Sender<io::Result<Conn>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let handshake_timeout = limits.handshake_timeout;
+    let mut last_full_log: Option<Instant> = None;
     loop {
         let (tcp, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -567,6 +612,19 @@ async fn accept_loop(
                 }
             },
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics
+                .connections_refused
+                .with_label_values(&["grpc", "max_connections"])
+                .inc();
+            // One line per second at most: a flood must not flood the log too.
+            if last_full_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_full_log = Some(Instant::now());
+                tracing::warn!(remote = %remote, limit = limits.max_connections, "gRPC connection refused: --max-connections reached");
+            }
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let tx = tx.clone();
@@ -585,7 +643,7 @@ async fn accept_loop(
                 ),
                 Some(tls) => {
                     let acceptor = TlsAcceptor::from(tls.current());
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let certs = stream
                                 .get_ref()
@@ -610,13 +668,17 @@ async fn accept_loop(
                         }
                         Err(_) => {
                             metrics.tls_handshake_failures.with_label_values(&["timeout"]).inc();
+                            metrics
+                                .connections_refused
+                                .with_label_values(&["grpc", "handshake_timeout"])
+                                .inc();
                             tracing::info!(remote = %remote, "TLS handshake timed out");
                             return;
                         }
                     }
                 }
             };
-            let _ = tx.send(Ok(conn)).await;
+            let _ = tx.send(Ok(conn.with_slot(slot))).await;
         });
     }
 }
@@ -649,6 +711,7 @@ pub struct Conn {
     io: ConnIo,
     info: ConnInfo,
     _guard: ConnGuard,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 struct ConnGuard(prometheus::IntGauge);
@@ -667,7 +730,14 @@ impl Conn {
             io,
             info,
             _guard: ConnGuard(metrics.connections.clone()),
+            _slot: None,
         }
+    }
+
+    /// The connection holding one of the listener's connection slots until it closes.
+    fn with_slot(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Conn {
+        self._slot = Some(slot);
+        self
     }
 }
 

@@ -19,7 +19,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, Layer as _, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer as _,
+    filter::{FilterExt as _, Targets},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+};
 
 use crate::config::LogFormat;
 
@@ -86,6 +91,9 @@ pub fn init(filter: &str, format: LogFormat, role: &str) -> Result<Telemetry, St
             .build();
         let tracer = provider.tracer("peervault");
         // The exporter's own transport must not feed spans back into the exporter.
+        // Health probes (the peer service's `peer_probe` spans around each check) stay out of
+        // tracing like the checks themselves: see `is_health_path`.
+        let no_probes = tracing_subscriber::filter::filter_fn(|m| !(m.is_span() && m.name() == "peer_probe"));
         let quiet = Targets::new()
             .with_default(tracing::Level::TRACE)
             .with_target("h2", tracing::level_filters::LevelFilter::OFF)
@@ -97,7 +105,11 @@ pub fn init(filter: &str, format: LogFormat, role: &str) -> Result<Telemetry, St
             .with_target("opentelemetry_sdk", tracing::level_filters::LevelFilter::OFF)
             .with_target("opentelemetry_otlp", tracing::level_filters::LevelFilter::OFF);
         (
-            Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(quiet)),
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(quiet.and(no_probes)),
+            ),
             Some(provider),
         )
     } else {
@@ -148,6 +160,61 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
+/// Whether a gRPC path is a health check. Probes run every few seconds against every member;
+/// they are kept out of tracing (no span, so never sampled) so traces show requests, not probes.
+pub fn is_health_path(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+}
+
+/// Most links one span gets (the SDK's default span link limit).
+pub const MAX_LINKS: usize = 128;
+
+/// The W3C `traceparent` of the current span, when it belongs to a trace (export on).
+pub fn current_traceparent() -> Option<String> {
+    let cx = Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid()
+        .then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+}
+
+/// Parses a W3C `traceparent` (by the same propagator that reads gRPC metadata); `None` when
+/// it is not a valid one.
+pub fn parse_traceparent(value: &str) -> Option<opentelemetry::trace::SpanContext> {
+    struct One<'a>(&'a str);
+    impl Extractor for One<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            (key == "traceparent").then_some(self.0)
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec!["traceparent"]
+        }
+    }
+    use opentelemetry::propagation::TextMapPropagator;
+    let cx = TraceContextPropagator::new().extract(&One(value));
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+/// Links `span` to the spans named by `traceparents` (each distinct one once, at most
+/// [`MAX_LINKS`]); returns how many links were added. Invalid values are ignored.
+pub fn link_traceparents<'a>(span: &Span, traceparents: impl IntoIterator<Item = &'a str>) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    for tp in traceparents {
+        if seen.len() >= MAX_LINKS {
+            break;
+        }
+        if tp.is_empty() || seen.contains(tp) {
+            continue;
+        }
+        if let Some(sc) = parse_traceparent(tp) {
+            span.add_link(sc);
+            seen.insert(tp);
+        }
+    }
+    seen.len()
+}
+
 /// Splits a gRPC path into (service, method).
 fn split_path(path: &str) -> (&str, &str) {
     path.trim_start_matches('/').split_once('/').unwrap_or((path, ""))
@@ -185,6 +252,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if is_health_path(req.uri().path()) {
+            return Box::pin(self.inner.call(req));
+        }
         let (service, method) = split_path(req.uri().path());
         let span = tracing::info_span!(
             "grpc.server",
@@ -275,6 +345,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if is_health_path(req.uri().path()) {
+            return Box::pin(self.inner.call(req));
+        }
         let (service, method) = split_path(req.uri().path());
         let span = tracing::info_span!(
             "grpc.client",
@@ -304,5 +377,32 @@ mod tests {
             ("peervault.v1.SystemService", "GetMetrics")
         );
         assert_eq!(split_path("/weird"), ("/weird", ""));
+    }
+
+    #[test]
+    fn traceparents_parse_only_when_valid() {
+        let sc = parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        assert_eq!(sc.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(sc.span_id().to_string(), "b7ad6b7169203331");
+        assert!(sc.is_sampled() && sc.is_remote());
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad:?} accepted");
+        }
+        // Outside a trace (no exporter installed) there is no current traceparent.
+        assert!(current_traceparent().is_none());
+    }
+
+    #[test]
+    fn health_paths_are_recognised() {
+        assert!(is_health_path("/grpc.health.v1.Health/Check"));
+        assert!(is_health_path("/grpc.health.v1.Health/Watch"));
+        assert!(!is_health_path("/peervault.v1.FileService/UploadFile"));
     }
 }

@@ -16,7 +16,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls::{
-    RootCertStore, ServerConfig,
+    ClientConfig, RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer},
     server::WebPkiClientVerifier,
 };
@@ -153,20 +153,46 @@ fn local_host_names() -> Vec<String> {
     names
 }
 
+/// Writes `data` to `path` atomically: into a temporary file of its own (named after the
+/// target, so two PEMs written at once never share one), created with mode 0600 before any byte
+/// is written and `create_new` (never following a planted file), then given its final mode and
+/// renamed over the target.
 fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{}: not a file name", path.display()))?;
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = path.with_file_name(format!(".{name}.{}.{nonce}.tmp", std::process::id()));
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(if secret { 0o600 } else { 0o644 });
+        opts.mode(0o600);
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = opts.open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    let result = (|| {
+        let mut f = opts.open(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(data)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        #[cfg(unix)]
+        if !secret {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(fs::Permissions::from_mode(0o644))
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        }
+        #[cfg(not(unix))]
+        let _ = secret;
+        fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// A development CA with a service certificate and a client certificate, as PEM text.
@@ -313,11 +339,7 @@ pub fn read_key(flag: &'static str, path: &Path) -> Result<PrivateKeyDer<'static
         })
 }
 
-/// Builds the rustls server config: our certificate, client verification against the client
-/// CA (required or optional), ALPN `h2` for gRPC.
-pub fn server_config(files: &TlsFiles, client_auth: ClientAuth) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = read_certs("--tls-cert", &files.cert)?;
-    let key = read_key("--tls-key", &files.key)?;
+fn client_roots(files: &TlsFiles) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in read_certs("--tls-client-ca", &files.client_ca)? {
         roots.add(ca).map_err(|e| TlsError::Invalid {
@@ -326,7 +348,13 @@ pub fn server_config(files: &TlsFiles, client_auth: ClientAuth) -> Result<Arc<Se
             reason: e.to_string(),
         })?;
     }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+    Ok(roots)
+}
+
+fn server_config_with(files: &TlsFiles, client_auth: ClientAuth, alpn: &[u8]) -> Result<ServerConfig, TlsError> {
+    let certs = read_certs("--tls-cert", &files.cert)?;
+    let key = read_key("--tls-key", &files.key)?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(client_roots(files)?));
     let verifier = match client_auth {
         ClientAuth::Required => verifier,
         ClientAuth::Optional => verifier.allow_unauthenticated(),
@@ -337,16 +365,64 @@ pub fn server_config(files: &TlsFiles, client_auth: ClientAuth) -> Result<Arc<Se
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(format!("certificate and key do not match or are unsupported: {e}")))?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// Builds the rustls server config: our certificate, client verification against the client
+/// CA (required or optional), ALPN `h2` for gRPC.
+pub fn server_config(files: &TlsFiles, client_auth: ClientAuth) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(files, client_auth, b"h2").map(Arc::new)
+}
+
+/// The rustls client config for calls to other PeerVault services: trusts the `--tls-client-ca`
+/// bundle, presents `--tls-cert` (this process's service identity), speaks `h2`.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    let certs = read_certs("--tls-cert", &files.cert)?;
+    let key = read_key("--tls-key", &files.key)?;
+    let mut cfg = ClientConfig::builder()
+        .with_root_certificates(client_roots(files)?)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "client certificate and key do not match or are unsupported: {e}"
+            ))
+        })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
 
-/// The server TLS config currently in force, swapped when the files change on disk.
+/// Every TLS config one set of files yields.
+struct Configs {
+    grpc: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+impl Configs {
+    fn build(files: &TlsFiles, client_auth: ClientAuth) -> Result<Configs, TlsError> {
+        Ok(Configs {
+            grpc: server_config(files, client_auth)?,
+            // Browsers rarely hold client certificates: on the HTTP (WebSocket) port a
+            // certificate is one credential among others, so it is asked for but not required.
+            http: Arc::new(server_config_with(files, ClientAuth::Optional, b"http/1.1")?),
+            client: client_config(files)?,
+        })
+    }
+}
+
+/// The TLS state in force for every listener and every outgoing service channel of the process,
+/// swapped as a whole when the files change on disk: the gRPC server config, the HTTP
+/// (WebSocket) server config and the client config. Each new connection, accepted or dialled,
+/// takes the current one, so rotated certificates and CAs apply without a restart.
 pub struct ReloadableServerConfig {
     files: TlsFiles,
     client_auth: ClientAuth,
-    current: RwLock<(Arc<ServerConfig>, FileStamp)>,
+    current: RwLock<(Arc<Configs>, FileStamp)>,
 }
+
+/// The process's reloadable TLS state (servers and clients).
+pub type ReloadableTls = ReloadableServerConfig;
 
 /// Contents of the watched files, to tell a real change from a touched mtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,20 +443,35 @@ impl ReloadableServerConfig {
     /// Loads the files once; fails if they are unusable.
     pub fn load(files: TlsFiles, client_auth: ClientAuth) -> Result<Arc<Self>, TlsError> {
         let stamp = FileStamp::read(&files);
-        let cfg = server_config(&files, client_auth)?;
+        let cfg = Configs::build(&files, client_auth)?;
         Ok(Arc::new(ReloadableServerConfig {
             files,
             client_auth,
-            current: RwLock::new((cfg, stamp)),
+            current: RwLock::new((Arc::new(cfg), stamp)),
         }))
     }
 
-    /// The config to use for the next accepted connection.
-    pub fn current(&self) -> Arc<ServerConfig> {
+    fn configs(&self) -> Arc<Configs> {
         match self.current.read() {
             Ok(g) => g.0.clone(),
             Err(poisoned) => poisoned.into_inner().0.clone(),
         }
+    }
+
+    /// The gRPC server config to use for the next accepted connection.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.configs().grpc.clone()
+    }
+
+    /// The HTTP/1.1 server config (events WebSocket port) for the next accepted connection;
+    /// client certificates are verified when presented and optional.
+    pub fn http_current(&self) -> Arc<ServerConfig> {
+        self.configs().http.clone()
+    }
+
+    /// The client config for the next outgoing connection to another service.
+    pub fn client_current(&self) -> Arc<ClientConfig> {
+        self.configs().client.clone()
     }
 
     /// The files this config was built from.
@@ -398,9 +489,9 @@ impl ReloadableServerConfig {
                 return Ok(false);
             }
         }
-        let cfg = server_config(&self.files, self.client_auth)?;
+        let cfg = Configs::build(&self.files, self.client_auth)?;
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
-        *cur = (cfg, stamp);
+        *cur = (Arc::new(cfg), stamp);
         Ok(true)
     }
 
@@ -444,25 +535,6 @@ impl ReloadableServerConfig {
     }
 }
 
-/// A client TLS config for calls to other PeerVault services: trusts the client CA bundle and
-/// presents this server's certificate, which carries its service identity.
-pub fn service_client_tls(files: &TlsFiles, domain: &str) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
-    let read = |flag: &'static str, p: &Path| {
-        fs::read(p).map_err(|source| TlsError::Read {
-            flag,
-            path: p.to_path_buf(),
-            source,
-        })
-    };
-    let ca = read("--tls-client-ca", &files.client_ca)?;
-    let cert = read("--tls-cert", &files.cert)?;
-    let key = read("--tls-key", &files.key)?;
-    Ok(tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-        .identity(tonic::transport::Identity::from_pem(cert, key))
-        .domain_name(domain))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +549,40 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(ca1, fs::read(&b.client_ca).unwrap());
         server_config(&a, ClientAuth::Required).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn dev_keys_are_private_and_no_temporary_file_is_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        ensure_dev_certs(&tls, "peervault.local").unwrap();
+        let mode = |f: &str| fs::metadata(tls.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dev_files::SERVER_KEY), 0o600);
+        assert_eq!(mode(dev_files::CLIENT_KEY), 0o600);
+        assert_eq!(mode(dev_files::SERVER_CERT), 0o644);
+        // server.crt and server.key once shared the temporary name server.tmp.
+        let names: Vec<_> = fs::read_dir(&tls)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        let crt = fs::read_to_string(tls.join(dev_files::SERVER_CERT)).unwrap();
+        let key = fs::read_to_string(tls.join(dev_files::SERVER_KEY)).unwrap();
+        assert!(crt.contains("CERTIFICATE") && !crt.contains("PRIVATE KEY"));
+        assert!(key.contains("PRIVATE KEY") && !key.contains("CERTIFICATE"));
+    }
+
+    #[test]
+    fn writing_again_replaces_the_file_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("x.key");
+        write_file(&target, b"secret", true).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"secret");
+        // Writing again replaces the file atomically.
+        write_file(&target, b"other", true).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"other");
     }
 
     #[test]

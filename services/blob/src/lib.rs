@@ -82,7 +82,7 @@ pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstream
     ctx.system.add_stats(Arc::new(StoreStatsSource(store.clone())));
     // API keys presented to any service of this process are checked against this store.
     ctx.authorizer
-        .set_api_key_verifier(Arc::new(grpc::auth::KeyVerifier(store.clone())));
+        .set_api_key_verifier(Arc::new(grpc::auth::KeyVerifier::new(store.clone())));
     grpc::spawn_gc(ctx.clone(), store.clone());
     let events = peervault_events_client::EventPublisher::start(ctx, upstreams.events.as_slice())
         .map_err(|e| BlobError::Unavailable(format!("events publisher: {e}")))?;

@@ -11,7 +11,9 @@ use peervault_proto::v1::{
     event_service_client::EventServiceClient, peer_service_client::PeerServiceClient,
     peer_vault_service_server::PeerVaultService,
 };
-use peervault_runtime::{ServiceContext, client::ServiceChannel, system::SystemApi};
+use std::sync::Arc;
+
+use peervault_runtime::{Caller, ServiceContext, auth::Authorizer, client::ServiceChannel, system::SystemApi};
 use tonic::{Request, Response, Status, Streaming, codegen::BoxStream};
 
 use crate::{
@@ -25,6 +27,7 @@ pub struct PeerVaultApi {
     system: SystemApi,
     peer: Result<PeerServiceClient<ServiceChannel>, BlobError>,
     events: Result<EventServiceClient<ServiceChannel>, BlobError>,
+    authorizer: Arc<Authorizer>,
 }
 
 fn upstream(
@@ -57,6 +60,7 @@ impl PeerVaultApi {
             system: ctx.system.clone(),
             peer,
             events,
+            authorizer: ctx.authorizer.clone(),
         })
     }
 
@@ -77,19 +81,31 @@ impl PeerVaultApi {
     }
 }
 
-/// The outgoing request for a forwarded call: same message, same deadline.
+/// The outgoing request for a forwarded call: same message, same deadline, and the original
+/// caller (the receiving service decides with it, never with this service's own authority).
 fn forward<T>(req: Request<T>) -> Request<T> {
     let timeout = req.metadata().get("grpc-timeout").cloned();
+    let caller = req.extensions().get::<Caller>().cloned();
     let mut out = Request::new(req.into_inner());
     if let Some(t) = timeout {
         out.metadata_mut().insert("grpc-timeout", t);
     }
+    if let Some(c) = &caller {
+        peervault_runtime::auth::forward::attach(out.metadata_mut(), c);
+    }
     out
 }
 
-/// Relays a server stream from an upstream service.
-fn relay<T: Send + 'static>(resp: Response<tonic::Streaming<T>>) -> Response<BoxStream<T>> {
-    Response::new(Box::pin(resp.into_inner()))
+impl PeerVaultApi {
+    /// Relays a server stream from an upstream service; it ends when the caller's credential is
+    /// revoked or expires (the upstream may not be able to tell).
+    fn relay<T: Send + 'static>(&self, caller: Option<Caller>, resp: Response<Streaming<T>>) -> Response<BoxStream<T>> {
+        Response::new(self.authorizer.end_when_invalid(caller, Box::pin(resp.into_inner())))
+    }
+}
+
+fn caller_of<T>(req: &Request<T>) -> Option<Caller> {
+    req.extensions().get::<Caller>().cloned()
 }
 
 #[tonic::async_trait]
@@ -177,14 +193,17 @@ impl PeerVaultService for PeerVaultApi {
         &self,
         req: Request<()>,
     ) -> Result<Response<BoxStream<FileOperationEvent>>, Status> {
-        Ok(relay(self.events()?.stream_file_operations(forward(req)).await?))
+        let caller = caller_of(&req);
+        Ok(self.relay(caller, self.events()?.stream_file_operations(forward(req)).await?))
     }
 
     async fn stream_peer_events(&self, req: Request<()>) -> Result<Response<BoxStream<PeerEvent>>, Status> {
-        Ok(relay(self.events()?.stream_peer_events(forward(req)).await?))
+        let caller = caller_of(&req);
+        Ok(self.relay(caller, self.events()?.stream_peer_events(forward(req)).await?))
     }
 
     async fn stream_system_events(&self, req: Request<()>) -> Result<Response<BoxStream<SystemEvent>>, Status> {
-        Ok(relay(self.events()?.stream_system_events(forward(req)).await?))
+        let caller = caller_of(&req);
+        Ok(self.relay(caller, self.events()?.stream_system_events(forward(req)).await?))
     }
 }

@@ -124,6 +124,8 @@ impl Server {
             ])
             .args(["--metrics-interval", "0s", "--events-subscriber-queue", "16384"])
             .args(["--ws-max-connections", "5000", "--max-concurrent-streams", "1000"])
+            // Every WebSocket client of the benchmark comes from 127.0.0.1.
+            .args(["--ws-max-connections-per-address", "5000"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -152,6 +154,31 @@ impl Server {
             tls: data.join("tls"),
             _tmp: tmp,
         }
+    }
+
+    /// A TLS config for WebSocket clients: trusts the development CA and presents the
+    /// development client certificate (the gateway requires credentials).
+    fn ws_tls(&self) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+        use tokio_rustls::rustls::{
+            self, RootCertStore,
+            pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.tls.join("ca.crt")).expect("ca.crt") {
+            roots.add(c.expect("CA certificate")).expect("CA");
+        }
+        let certs: Vec<_> = CertificateDer::pem_file_iter(self.tls.join("client.crt"))
+            .expect("client.crt")
+            .map(|c| c.expect("client certificate"))
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(self.tls.join("client.key")).expect("client.key");
+        let mut cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .expect("client certificate");
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        std::sync::Arc::new(cfg)
     }
 
     async fn channel(&self, service: bool) -> Channel {
@@ -292,8 +319,18 @@ async fn ws_subscribers(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     use tokio_tungstenite::tungstenite::Message;
     let mut tasks = Vec::new();
+    let tls = tokio_rustls::TlsConnector::from(server.ws_tls());
     for _ in 0..n {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.http))
+        // wss:// with the development client certificate, as the gateway requires by default.
+        let tcp = tokio::net::TcpStream::connect(&server.http).await.expect("TCP connect");
+        let _ = tcp.set_nodelay(true);
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let io = tls.connect(name, tcp).await.expect("TLS handshake");
+        let url = format!(
+            "wss://localhost:{}/ws",
+            server.http.rsplit(':').next().unwrap_or_default()
+        );
+        let (mut ws, _) = tokio_tungstenite::client_async(url, io)
             .await
             .expect("WebSocket connect");
         ws.send(Message::text(r#"{"type":"subscribe","topic":"file_operations"}"#))

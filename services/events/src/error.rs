@@ -82,6 +82,24 @@ pub enum EventsError {
         /// The limit.
         limit: usize,
     },
+    /// The per-address connection limit is reached.
+    #[error(
+        "Server is not accepting connections: {limit} connections from this address are open (the limit per address)"
+    )]
+    TooManyConnectionsFromAddress {
+        /// The limit.
+        limit: usize,
+    },
+    /// A Subscribe filter list longer than allowed.
+    #[error("`{field}` holds {given} entries; at most {limit} are accepted")]
+    FilterTooLong {
+        /// `types` or `topics`.
+        field: &'static str,
+        /// How many were given.
+        given: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// An `Origin` that is not allowed.
     #[error("origin '{0}' is not allowed (see PEERVAULT_WS_CORS_ORIGINS)")]
     OriginNotAllowed(String),
@@ -114,6 +132,8 @@ impl EventsError {
             EventsError::MessageTooLarge { .. } => "message_too_large",
             EventsError::RateLimited { .. } => "rate_limited",
             EventsError::TooManyConnections { .. } => "connection_limit",
+            EventsError::TooManyConnectionsFromAddress { .. } => "address_connection_limit",
+            EventsError::FilterTooLong { .. } => "filter_too_long",
             EventsError::OriginNotAllowed(_) => "origin_not_allowed",
             EventsError::AuthFailed(_) => "auth_failed",
             EventsError::AuthRequired(_) => "auth_required",
@@ -124,9 +144,10 @@ impl EventsError {
     /// The published WebSocket error code.
     pub fn ws_code(&self) -> &'static str {
         match self {
-            EventsError::TooManyConnections { .. } | EventsError::OriginNotAllowed(_) | EventsError::ShuttingDown => {
-                "CONNECTION_REFUSED"
-            }
+            EventsError::TooManyConnections { .. }
+            | EventsError::TooManyConnectionsFromAddress { .. }
+            | EventsError::OriginNotAllowed(_)
+            | EventsError::ShuttingDown => "CONNECTION_REFUSED",
             EventsError::AuthFailed(_) | EventsError::AuthRequired(_) => "AUTH_FAILED",
             EventsError::RateLimited { .. } => "RATE_LIMIT_EXCEEDED",
             _ => "INVALID_MESSAGE",
@@ -145,7 +166,9 @@ impl EventsError {
     /// The gRPC status code.
     pub fn code(&self) -> Code {
         match self {
-            EventsError::RateLimited { .. } | EventsError::TooManyConnections { .. } => Code::ResourceExhausted,
+            EventsError::RateLimited { .. }
+            | EventsError::TooManyConnections { .. }
+            | EventsError::TooManyConnectionsFromAddress { .. } => Code::ResourceExhausted,
             EventsError::OriginNotAllowed(_) => Code::PermissionDenied,
             EventsError::AuthFailed(_) | EventsError::AuthRequired(_) => Code::Unauthenticated,
             EventsError::ShuttingDown => Code::Unavailable,

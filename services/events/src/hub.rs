@@ -311,9 +311,12 @@ impl Hub {
                 r.since_sequence + 1
             };
             let skip = from.saturating_sub(first) as usize;
-            replay.extend(st.ring.iter().skip(skip).filter(|e| filter.matches(e)).cloned());
+            // Only the pointers are copied under the lock; the filter runs after it is released,
+            // so a costly filter never stalls publishers or other subscribers.
+            replay.extend(st.ring.iter().skip(skip).cloned());
         }
         drop(st);
+        replay.retain(|e| filter.matches(e));
         self.inner.metrics.replayed.inc_by(replay.len() as u64);
         let gauge = self.inner.metrics.subscribers.with_label_values(&[transport]);
         gauge.inc();
@@ -340,17 +343,19 @@ impl Hub {
         let st = self.state();
         let first = st.ring.front().map(|e| e.sequence()).unwrap_or(st.next_sequence);
         let gone = first.saturating_sub(from).min(to - from);
-        let mut by_topic = [0u64; 4];
         let start = from.max(first);
-        if start < to {
+        let missed: Vec<Arc<StoredEvent>> = if start < to {
             let skip = (start - first) as usize;
-            for e in st.ring.iter().skip(skip).take((to - start) as usize) {
-                if filter.matches(e) {
-                    by_topic[e.topic as usize] += 1;
-                }
-            }
-        }
+            st.ring.iter().skip(skip).take((to - start) as usize).cloned().collect()
+        } else {
+            Vec::new()
+        };
         drop(st);
+        // Filtered outside the lock, as in `subscribe`.
+        let mut by_topic = [0u64; 4];
+        for e in missed.iter().filter(|e| filter.matches(e)) {
+            by_topic[e.topic as usize] += 1;
+        }
         let m = &self.inner.metrics;
         if gone > 0 {
             m.dropped.with_label_values(&["unknown", transport]).inc_by(gone);
@@ -493,6 +498,12 @@ impl Subscription {
     /// Changes the topics received from now on.
     pub fn set_topics(&mut self, topics: TopicSet) {
         self.filter.topics = topics;
+    }
+
+    /// Changes the key prefix file events are limited to from now on (the subscriber
+    /// authenticated again with another credential).
+    pub fn set_key_prefix(&mut self, prefix: Option<String>) {
+        self.filter.key_prefix = prefix;
     }
 }
 

@@ -63,12 +63,11 @@ pub struct EventsService {
 
 /// Starts the events service: resolves its settings, binds the WebSocket/HTTP port (logged as
 /// `events HTTP listening` with `http_addr`), starts the gateway and this pod's own metrics
-/// events, and stops them all when the process drains. `validator` turns on token auth for
-/// WebSocket clients.
-pub async fn start(
-    ctx: &ServiceContext,
-    validator: Option<Arc<dyn TokenValidator>>,
-) -> Result<EventsService, StartError> {
+/// events, and stops them all when the process drains. WebSocket clients authenticate with the
+/// process's authorizer (the same credentials as gRPC) unless `--ws-allow-anonymous`; the port
+/// speaks TLS with the process's certificates unless `--insecure`.
+pub async fn start(ctx: &ServiceContext) -> Result<EventsService, StartError> {
+    let validator: Arc<dyn TokenValidator> = Arc::new(ws::auth::RuntimeAuth(ctx.authorizer.clone()));
     let settings = EventsSettings::resolve(&ctx.config)?;
     let metrics = metrics::EventsMetrics::new(&ctx.metrics.registry)?;
     let hub = hub::Hub::new(
@@ -93,14 +92,20 @@ pub async fn start(
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let gateway = ws::Gateway::new(core.clone(), settings.ws.clone(), validator.clone(), stop_rx);
-    tokio::spawn(gateway.serve(listener));
+    let gateway = ws::Gateway::new(core.clone(), settings.ws.clone(), validator, stop_rx);
+    let tls = ctx.tls_state().cloned();
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    tokio::spawn(gateway.serve(listener, tls));
+    if settings.ws.allow_anonymous {
+        tracing::warn!("--ws-allow-anonymous: WebSocket clients without credentials receive every event");
+    }
     tracing::info!(
         http_addr = %http_addr,
-        ws_url = %format!("ws://{http_addr}/ws"),
+        ws_url = %format!("{scheme}://{http_addr}/ws"),
         max_connections = settings.ws.max_connections,
+        max_connections_per_address = settings.ws.max_connections_per_address,
         origins = ?settings.ws.origins,
-        token_auth = validator.is_some(),
+        credentials_required = !settings.ws.allow_anonymous,
         replay_buffer = settings.replay_capacity,
         subscriber_queue = settings.subscriber_queue,
         "events HTTP listening"
@@ -141,7 +146,10 @@ pub async fn start(
 
     let mut services = Services::new();
     services.add(configure_service!(
-        peervault_proto::v1::event_service_server::EventServiceServer::new(grpc::EventApi::new(core.clone())),
+        peervault_proto::v1::event_service_server::EventServiceServer::new(grpc::EventApi::new(
+            core.clone(),
+            Some(ctx.authorizer.clone())
+        )),
         ctx.config.max_message_size as usize
     ));
     Ok(EventsService {

@@ -241,6 +241,11 @@ pub fn normalize(index: usize, event: &mut Event) -> Result<(Topic, Map<String, 
             kind: event.r#type.clone(),
         });
     }
+    // As W3C trace context says of a header it cannot parse: ignore it (the event is fine).
+    if !event.traceparent.is_empty() && peervault_runtime::telemetry::parse_traceparent(&event.traceparent).is_none() {
+        tracing::debug!(index, "dropping an invalid traceparent from a published event");
+        event.traceparent.clear();
+    }
     let ts = *event.timestamp.get_or_insert_with(now_timestamp);
     let payload = event.payload.take().filter(|p| payload_fits(topic, p));
     let mut data = if !event.data_json.trim().is_empty() {
@@ -280,10 +285,11 @@ pub fn normalize(index: usize, event: &mut Event) -> Result<(Topic, Map<String, 
 }
 
 /// The WebSocket rendering of an accepted event: the published `{type, topic, data, timestamp}`
-/// plus `id`, `sequence`, `source` and `node` for clients that track positions.
+/// plus `id`, `sequence`, `source` and `node` for clients that track positions, and
+/// `traceparent` when the event carries its producer's span.
 pub fn ws_json(event: &Event, data: Map<String, Value>) -> String {
     let ts = event.timestamp.as_ref().map(rfc3339).unwrap_or_else(rfc3339_now);
-    serde_json::json!({
+    let mut msg = serde_json::json!({
         "type": event.r#type,
         "topic": event.topic,
         "data": Value::Object(data),
@@ -292,8 +298,14 @@ pub fn ws_json(event: &Event, data: Map<String, Value>) -> String {
         "sequence": event.sequence,
         "source": event.source,
         "node": event.node,
-    })
-    .to_string()
+    });
+    // The originating span, for clients that continue the trace; absent when there is none.
+    if !event.traceparent.is_empty()
+        && let Some(m) = msg.as_object_mut()
+    {
+        m.insert("traceparent".into(), event.traceparent.clone().into());
+    }
+    msg.to_string()
 }
 
 /// An alert as the published SystemEvent of StreamSystemEvents (`warning`, or `error` for
@@ -384,6 +396,23 @@ mod tests {
             normalize(0, &mut e),
             Err(EventsError::MissingField { field: "id", .. })
         ));
+    }
+
+    #[test]
+    fn traceparent_travels_with_the_event_and_an_invalid_one_is_ignored() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut e = ev("file_operations", "file_uploaded", json!({"key": "k"}));
+        e.traceparent = tp.into();
+        let (_, data) = normalize(0, &mut e).unwrap();
+        assert_eq!(e.traceparent, tp);
+        let ws: Value = serde_json::from_str(&ws_json(&e, data)).unwrap();
+        assert_eq!(ws["traceparent"], tp);
+        let mut e = ev("file_operations", "file_uploaded", json!({"key": "k"}));
+        e.traceparent = "00-not-a-trace".into();
+        let (_, data) = normalize(0, &mut e).unwrap();
+        assert!(e.traceparent.is_empty());
+        let ws: Value = serde_json::from_str(&ws_json(&e, data)).unwrap();
+        assert!(ws.get("traceparent").is_none());
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub struct WsSettings {
     pub max_message_size: usize,
     /// Client messages per second.
     pub messages_per_second: u32,
+    /// Most concurrent connections from one client address.
+    pub max_connections_per_address: usize,
+    /// Whether clients without credentials are admitted (`--ws-allow-anonymous`).
+    pub allow_anonymous: bool,
 }
 
 /// Alert thresholds.
@@ -212,13 +216,12 @@ impl EventsSettings {
             None => (FileConfig::default(), String::new()),
         };
         let ws = &file.websocket;
-        let dev = cfg.insecure || cfg.tls_cert.is_none();
         let origins = match (&f.ws_cors_origins, ws.cors.enabled, &ws.cors.origins) {
             (Some(list), _, _) => Origins::parse(&list.split(',').map(str::to_string).collect::<Vec<_>>()),
             (None, Some(false), _) => Origins::Any,
             (None, _, Some(list)) => Origins::parse(list),
-            // `*` is the published default; outside development only the page's own origin.
-            (None, _, None) if dev => Origins::Any,
+            // No origin beyond the page's own unless listed: any web page a user visits could
+            // otherwise read the events with the user's browser.
             (None, _, None) => Origins::List(vec![]),
         };
         let http = cfg.http_listen;
@@ -265,6 +268,8 @@ impl EventsSettings {
                     .ws_messages_per_second
                     .or(ws.limits.messages_per_second)
                     .unwrap_or(100),
+                max_connections_per_address: f.ws_max_connections_per_address.unwrap_or(100) as usize,
+                allow_anonymous: cfg.ws_allow_anonymous,
             },
             replay_capacity: f.events_replay_buffer.or(file.events.replay_buffer).unwrap_or(10_000) as usize,
             subscriber_queue: f
@@ -305,6 +310,14 @@ impl EventsSettings {
         let bad = |m: &str| Err(SettingsError::Invalid(m.to_string()));
         if ws.max_connections == 0 {
             return bad("--ws-max-connections must be at least 1");
+        }
+        if ws.max_connections_per_address == 0 {
+            return bad("--ws-max-connections-per-address must be at least 1");
+        }
+        if ws.allow_anonymous && ws.origins == Origins::Any {
+            return bad(
+                "--ws-allow-anonymous cannot be combined with every origin allowed (--ws-cors-origins '*' or cors.enabled: false): any web page could read the events; list the origins",
+            );
         }
         if ws.max_message_size < 64 {
             return bad("--ws-max-message-size must be at least 64 bytes");
@@ -380,8 +393,26 @@ mod tests {
         assert_eq!(s.ws.max_connections, 1000);
         assert_eq!(s.ws.max_message_size, 1 << 20);
         assert_eq!(s.ws.messages_per_second, 100);
-        // Development certificates: every origin.
-        assert_eq!(s.ws.origins, Origins::Any);
+        // No origin beyond the page's own, credentials required.
+        assert_eq!(s.ws.origins, Origins::List(vec![]));
+        assert!(!s.ws.allow_anonymous);
+        assert_eq!(s.ws.max_connections_per_address, 100);
+    }
+
+    #[test]
+    fn anonymous_access_is_never_combined_with_every_origin() {
+        let err = EventsSettings::resolve(&cfg(&["--ws-allow-anonymous", "--ws-cors-origins", "*"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--ws-allow-anonymous"), "{err}");
+        let s = EventsSettings::resolve(&cfg(&[
+            "--ws-allow-anonymous",
+            "--ws-cors-origins",
+            "https://a.example",
+        ]))
+        .unwrap();
+        assert!(s.ws.allow_anonymous);
+        assert!(EventsSettings::resolve(&cfg(&["--ws-cors-origins", "*"])).is_ok());
     }
 
     #[test]

@@ -1,8 +1,16 @@
-//! The WebSocket gateway's token-auth hook over real sockets: a token in the query or the
-//! Authorization header, or an auth message after connecting; AUTH_FAILED for a bad token or no
-//! auth in time; repeated failures raise a security_alert.
+//! The WebSocket gateway's authentication hook over real sockets (plaintext here: the TLS port
+//! and the runtime's credentials are tested with real processes in `tests/security.rs`): a token
+//! in the query or the Authorization header, or an auth message after connecting; AUTH_FAILED
+//! for a bad token or no auth in time; a credential revoked while connected closes the
+//! connection; the per-address connection cap; repeated failures raise a security_alert.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use futures_util::{SinkExt, StreamExt};
 use peervault_events::{
@@ -19,14 +27,46 @@ use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct OneToken;
+/// Accepts `good-token`; `revocable` until `revoked` is set.
+#[derive(Default)]
+struct OneToken {
+    revoked: AtomicBool,
+}
+
+fn caller(name: &str) -> peervault_runtime::Caller {
+    peervault_runtime::Caller {
+        identity: peervault_runtime::Identity::ApiKey {
+            id: name.into(),
+            name: name.into(),
+        },
+        remote_addr: None,
+        scopes: peervault_runtime::auth::ScopeSet::ALL,
+        key_prefix: None,
+        valid_until: None,
+    }
+}
 
 impl TokenValidator for OneToken {
-    fn validate(&self, token: &str) -> Result<String, String> {
-        if token == "good-token" {
-            Ok("dashboard".into())
-        } else {
-            Err("unknown token".into())
+    fn validate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<peervault_runtime::Caller, String>> {
+        let r = match token {
+            "good-token" => Ok(caller("dashboard")),
+            "revocable" if !self.revoked.load(Ordering::SeqCst) => Ok(caller("revocable")),
+            _ => Err("unknown token".into()),
+        };
+        Box::pin(std::future::ready(r))
+    }
+
+    fn revalidate(&self, c: &peervault_runtime::Caller) -> Result<(), String> {
+        match &c.identity {
+            peervault_runtime::Identity::ApiKey { id, .. }
+                if id == "revocable" && self.revoked.load(Ordering::SeqCst) =>
+            {
+                Err("this API key has been revoked".into())
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -34,6 +74,19 @@ impl TokenValidator for OneToken {
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn start(read_timeout: Duration) -> (std::net::SocketAddr, EventsCore, tokio::sync::watch::Sender<bool>) {
+    let (addr, core, stop, _) = start_with(read_timeout, 10).await;
+    (addr, core, stop)
+}
+
+async fn start_with(
+    read_timeout: Duration,
+    per_address: usize,
+) -> (
+    std::net::SocketAddr,
+    EventsCore,
+    tokio::sync::watch::Sender<bool>,
+    Arc<OneToken>,
+) {
     let metrics = EventsMetrics::unregistered();
     let hub = Hub::new(
         HubConfig {
@@ -66,13 +119,16 @@ async fn start(read_timeout: Duration) -> (std::net::SocketAddr, EventsCore, tok
         max_connections: 10,
         max_message_size: 1 << 20,
         messages_per_second: 100,
+        max_connections_per_address: per_address,
+        allow_anonymous: false,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let validator: Arc<dyn TokenValidator> = Arc::new(OneToken);
-    tokio::spawn(Gateway::new(core.clone(), ws, Some(validator), rx).serve(listener));
-    (addr, core, tx)
+    let tokens = Arc::new(OneToken::default());
+    let validator: Arc<dyn TokenValidator> = tokens.clone();
+    tokio::spawn(Gateway::new(core.clone(), ws, validator, rx).serve(listener, None));
+    (addr, core, tx, tokens)
 }
 
 async fn next(ws: &mut Ws) -> Value {
@@ -198,4 +254,58 @@ async fn shutdown_closes_connections_with_going_away() {
     next(&mut ws).await;
     stop.send(true).unwrap();
     assert_eq!(next(&mut ws).await["closed"], 1001);
+}
+
+#[tokio::test]
+async fn a_credential_revoked_while_connected_closes_the_connection() {
+    let (addr, _core, _stop, tokens) = start_with(Duration::from_secs(30), 10).await;
+    let mut ws = connect(format!("ws://{addr}/ws?token=revocable"), None).await;
+    assert_eq!(next(&mut ws).await["type"], "connected");
+    ws.send(Message::text(r#"{"type":"subscribe","topic":"alerts"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    let mut keep = connect(format!("ws://{addr}/ws?token=good-token"), None).await;
+    next(&mut keep).await;
+    let revoked_at = std::time::Instant::now();
+    tokens.revoked.store(true, Ordering::SeqCst);
+    let e = next(&mut ws).await;
+    assert_eq!(e["data"]["code"], "AUTH_FAILED", "{e}");
+    assert!(e["data"]["message"].as_str().unwrap().contains("revoked"), "{e}");
+    assert_eq!(next(&mut ws).await["closed"], 1008);
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        revoked_at.elapsed()
+    );
+    // Another credential's connection stays.
+    keep.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+    assert_eq!(next(&mut keep).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    let (addr, _core, _stop, _) = start_with(Duration::from_secs(30), 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut ws = connect(format!("ws://{addr}/ws?token=good-token"), None).await;
+        assert_eq!(next(&mut ws).await["type"], "connected");
+        held.push(ws);
+    }
+    let mut third = connect(format!("ws://{addr}/ws?token=good-token"), None).await;
+    let e = next(&mut third).await;
+    assert_eq!(e["data"]["code"], "CONNECTION_REFUSED", "{e}");
+    assert!(e["data"]["message"].as_str().unwrap().contains("per address"), "{e}");
+    assert_eq!(next(&mut third).await["closed"], 1013);
+    // A slot freed is a slot again.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut ws = connect(format!("ws://{addr}/ws?token=good-token"), None).await;
+        if next(&mut ws).await["type"] == "connected" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the freed slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -3,12 +3,16 @@
 //! certificate, an API key (`x-api-key`, or `authorization: Bearer pvk_…`) or a JWT
 //! (`authorization: Bearer …`) — and enforces the table with the caller's scopes.
 
+pub mod confine;
+pub mod forward;
 pub mod jwt;
+pub mod remote;
 pub mod scopes;
 
 use std::{
     sync::Arc,
     task::{Context, Poll},
+    time::{Duration, SystemTime},
 };
 
 use futures_util::future::{BoxFuture, FutureExt};
@@ -94,6 +98,7 @@ pub const ACCESS_TABLE: &[(&str, Access)] = &[
     ("/peervault.v1.AuthService/CreateApiKey", Needs(Admin)),
     ("/peervault.v1.AuthService/ListApiKeys", Needs(Admin)),
     ("/peervault.v1.AuthService/RevokeApiKey", Needs(Admin)),
+    ("/peervault.v1.AuthService/VerifyApiKey", Internal),
     ("/peervault.v1.PeerVaultService/UploadFile", Needs(Write)),
     ("/peervault.v1.PeerVaultService/DownloadFile", Needs(Read)),
     ("/peervault.v1.PeerVaultService/ListFiles", Needs(Read)),
@@ -131,6 +136,9 @@ pub fn access_for(path: &str) -> Access {
         .map(|(_, a)| *a)
         .unwrap_or(Needs(Admin))
 }
+
+/// The RPC whose access rule a stream of events over another transport follows.
+const READ_PATH: &str = "/peervault.v1.EventService/Subscribe";
 
 /// A refusal: the status to answer with and a bounded metric label.
 pub type Refusal = (Status, &'static str);
@@ -207,13 +215,28 @@ pub struct ApiKeyGrant {
     pub scopes: ScopeSet,
     /// The key prefix it is limited to, if any.
     pub key_prefix: Option<String>,
+    /// When the key expires, if it does.
+    pub expires: Option<SystemTime>,
 }
 
 /// Verifies API keys; the blob service provides one backed by its index.
 pub trait ApiKeyVerifier: Send + Sync + 'static {
     /// The grant of a presented secret, or why it is refused (unknown, revoked, expired).
     fn verify(&self, secret: &str) -> Result<ApiKeyGrant, Refusal>;
+
+    /// Whether the key with this id is still live (not revoked, not expired); long-lived streams
+    /// opened with it are ended when it is not.
+    fn check_id(&self, id: &str) -> Result<(), Refusal>;
+
+    /// The blob node this verifier asks, when keys are verified remotely.
+    fn remote(&self) -> Option<Arc<remote::RemoteKeys>> {
+        None
+    }
 }
+
+/// How often the credential behind a long-lived stream is checked again (revocation ends the
+/// stream within this time).
+pub const REVALIDATE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Decides calls: the access table, the scope mapping, and the credential verifiers.
 pub struct Authorizer {
@@ -221,6 +244,7 @@ pub struct Authorizer {
     scopes: ScopeConfig,
     jwt: Option<jwt::JwtVerifier>,
     api_keys: std::sync::RwLock<Option<Arc<dyn ApiKeyVerifier>>>,
+    metrics: Option<Metrics>,
 }
 
 impl Authorizer {
@@ -231,12 +255,125 @@ impl Authorizer {
             scopes,
             jwt,
             api_keys: std::sync::RwLock::new(None),
+            metrics: None,
         }
     }
 
+    /// The same authorizer counting stream ends and refusals it makes outside the layer in
+    /// `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count_failure(&self, reason: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.auth_failures.with_label_values(&[reason]).inc();
+        }
+    }
+
+    /// Authenticates what a connection of another transport (the WebSocket gateway) presents:
+    /// its verified client certificate and/or a bearer token (API key or JWT; the token decides
+    /// when both are given). `Ok(None)` when neither is presented. The caller must hold `read`.
+    /// Refusals are counted like the gRPC layer's.
+    pub fn authenticate_connection(
+        &self,
+        conn: Option<&ConnInfo>,
+        token: Option<&str>,
+    ) -> Result<Option<Caller>, Refusal> {
+        let identity = self.connection_identity(conn);
+        if token.is_none() && identity == Identity::Anonymous {
+            return Ok(None);
+        }
+        let r = match token {
+            Some(t) => self.authenticate_token_as(t, identity, Scope::Read),
+            None => self.decide(READ_PATH, identity, &http::HeaderMap::new()),
+        };
+        match r {
+            Ok(mut c) => {
+                c.remote_addr = conn.and_then(|c| c.remote_addr);
+                Ok(Some(c))
+            }
+            Err((st, reason)) => {
+                self.count_failure(reason);
+                Err((st, reason))
+            }
+        }
+    }
+
+    /// Whether a caller established earlier still holds its credential: its JWT or key has not
+    /// expired and its API key has not been revoked.
+    pub fn revalidate(&self, caller: &Caller) -> Result<(), Refusal> {
+        if let Some(t) = caller.valid_until
+            && SystemTime::now() >= t
+        {
+            return Err((
+                Status::unauthenticated("the credential of this stream has expired"),
+                "expired",
+            ));
+        }
+        if let Identity::ApiKey { id, .. } = &caller.identity {
+            // A process without a key store cannot tell; the process that verified the key
+            // (the facade that forwarded the call) checks it.
+            let verifier = self.api_keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(v) = verifier {
+                return v.check_id(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes with the refusal once `caller`'s credential is revoked or expired (checked
+    /// every [`REVALIDATE_INTERVAL`]); never completes for credentials that cannot lapse
+    /// (certificates, which the TLS layer checks).
+    pub async fn until_invalid(self: Arc<Self>, caller: Caller) -> Status {
+        let watched = caller.valid_until.is_some() || matches!(caller.identity, Identity::ApiKey { .. });
+        if !watched {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(REVALIDATE_INTERVAL).await;
+            if let Err((st, reason)) = self.revalidate(&caller) {
+                self.count_failure(reason);
+                if let Some(m) = &self.metrics {
+                    m.streams_ended.with_label_values(&[reason]).inc();
+                }
+                tracing::info!(caller = %caller.identity, reason, "credential no longer valid: ending its stream");
+                return st;
+            }
+        }
+    }
+
+    /// `stream`, ended with the refusal once `caller`'s credential is revoked or expires.
+    pub fn end_when_invalid<T: Send + 'static>(
+        self: &Arc<Self>,
+        caller: Option<Caller>,
+        stream: tonic::codegen::BoxStream<T>,
+    ) -> tonic::codegen::BoxStream<T> {
+        use futures_util::StreamExt;
+        let Some(caller) = caller else { return stream };
+        let watch: BoxFuture<'static, Status> = self.clone().until_invalid(caller).boxed();
+        Box::pin(futures_util::stream::unfold(
+            Some((stream, watch)),
+            |state| async move {
+                let (mut stream, mut watch) = state?;
+                tokio::select! {
+                    st = &mut watch => Some((Err(st), None)),
+                    item = stream.next() => item.map(|i| (i, Some((stream, watch)))),
+                }
+            },
+        ))
+    }
+
     /// Authenticates a bare token (API key or JWT) for a transport other than gRPC — the
-    /// WebSocket gateway — and checks it grants `needed`.
+    /// WebSocket gateway — and checks it grants `needed`. Returns the full caller, key prefix
+    /// and validity included.
     pub fn authenticate_token(&self, token: &str, needed: Scope) -> Result<Caller, Refusal> {
+        self.authenticate_token_as(token, Identity::Anonymous, needed)
+            .inspect_err(|(_, reason)| self.count_failure(reason))
+    }
+
+    fn authenticate_token_as(&self, token: &str, conn: Identity, needed: Scope) -> Result<Caller, Refusal> {
         let mut headers = http::HeaderMap::new();
         let value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
             (
@@ -246,11 +383,50 @@ impl Authorizer {
         })?;
         headers.insert(http::header::AUTHORIZATION, value);
         let path = match needed {
-            Scope::Read => "/peervault.v1.EventService/Subscribe",
+            Scope::Read => READ_PATH,
             Scope::Write => "/peervault.v1.FileService/UploadFile",
             Scope::Admin => "/peervault.v1.AuthService/ListApiKeys",
         };
-        self.decide(path, Identity::Anonymous, &headers)
+        self.decide(path, conn, &headers)
+    }
+
+    fn remote_keys(&self) -> Option<Arc<remote::RemoteKeys>> {
+        self.api_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|v| v.remote())
+    }
+
+    /// Fetches an API key presented in `headers` from the blob node that verifies keys, when the
+    /// last decision said it was not cached yet. Returns whether a fetch happened.
+    pub async fn fetch_presented_key(&self, headers: &http::HeaderMap, reason: &str) -> bool {
+        if reason != remote::NOT_CACHED {
+            return false;
+        }
+        let (Some(remote), Ok(Some(Credential::ApiKey(secret)))) = (self.remote_keys(), credential(headers)) else {
+            return false;
+        };
+        let _ = remote.fetch(&secret).await;
+        true
+    }
+
+    /// As [`Authorizer::authenticate_token`], fetching an API key from the blob node first when
+    /// this process verifies keys remotely.
+    pub async fn authenticate_token_remote(&self, token: &str, needed: Scope) -> Result<Caller, Refusal> {
+        match self.authenticate_token_as(token, Identity::Anonymous, needed) {
+            Err((_, reason)) if reason == remote::NOT_CACHED => {
+                if let Some(remote) = self.remote_keys() {
+                    let _ = remote.fetch(token.trim()).await;
+                }
+                self.authenticate_token(token, needed)
+            }
+            Err((st, reason)) => {
+                self.count_failure(reason);
+                Err((st, reason))
+            }
+            ok => ok,
+        }
     }
 
     /// Installs the API key verifier (the blob service's key store).
@@ -278,9 +454,24 @@ impl Authorizer {
             remote_addr: None,
             scopes,
             key_prefix,
+            valid_until: None,
         };
         if access == Public {
             return Ok(caller(conn_identity, ScopeSet::NONE, None));
+        }
+        // A facade forwarding its caller: believed only from a service identity.
+        if let Some(v) = headers.get(forward::CALLER_HEADER) {
+            if !conn_identity.is_service() {
+                return Err(forward::forged(&conn_identity));
+            }
+            let principal = forward::decode(v)?;
+            if principal.valid_until.is_some_and(|t| SystemTime::now() >= t) {
+                return Err((
+                    Status::unauthenticated("the forwarded credential has expired"),
+                    "expired",
+                ));
+            }
+            return self.permit(path, access, principal);
         }
         if access == Internal {
             return match conn_identity {
@@ -293,7 +484,7 @@ impl Authorizer {
                 )),
                 i => Err((
                     Status::permission_denied(format!(
-                        "{path} is internal to PeerVault: only service identities (spiffe://<trust-domain>/peervault/<service>) may call it; caller is {i}"
+                        "{path} is internal to PeerVault: only service identities (spiffe://<trust-domain>/peervault/{{blob,peer,events}}) may call it; caller is {i}"
                     )),
                     "not_a_service",
                 )),
@@ -311,7 +502,9 @@ impl Authorizer {
                     ));
                 };
                 let g = v.verify(&secret)?;
-                caller(Identity::ApiKey { id: g.id, name: g.name }, g.scopes, g.key_prefix)
+                let mut c = caller(Identity::ApiKey { id: g.id, name: g.name }, g.scopes, g.key_prefix);
+                c.valid_until = g.expires;
+                c
             }
             Some(Credential::Jwt(token)) => {
                 let Some(j) = &self.jwt else {
@@ -322,11 +515,19 @@ impl Authorizer {
                         "jwt_not_configured",
                     ));
                 };
-                let sub = j
+                let verified = j
                     .verify(&token)
                     .map_err(|r| (Status::unauthenticated(r.message), r.reason))?;
-                let grant = self.scopes.for_subject(&sub);
-                caller(Identity::Jwt { subject: sub }, grant.scopes, grant.key_prefix)
+                let grant = self.scopes.for_subject(&verified.subject);
+                let mut c = caller(
+                    Identity::Jwt {
+                        subject: verified.subject,
+                    },
+                    grant.scopes,
+                    grant.key_prefix,
+                );
+                c.valid_until = Some(verified.expires);
+                c
             }
             None => match conn_identity {
                 Identity::Anonymous => {
@@ -344,19 +545,37 @@ impl Authorizer {
                 other => caller(other, ScopeSet::ALL, None),
             },
         };
-        if let Needs(s) = access
-            && !principal.scopes.grants(s)
-        {
-            return Err((
-                Status::permission_denied(format!(
-                    "{path} needs scope '{}', which {} does not hold (it holds: {})",
-                    s.as_str(),
-                    principal.identity,
-                    principal.scopes.names().join(", ")
-                )),
-                "missing_scope",
-            ));
+        self.permit(path, access, principal)
+    }
+
+    /// Checks an established principal against the access rule and the confinement of `path`.
+    fn permit(&self, path: &str, access: Access, principal: Caller) -> Result<Caller, Refusal> {
+        match access {
+            Public => {}
+            Internal if !principal.identity.is_service() => {
+                return Err((
+                    Status::permission_denied(format!(
+                        "{path} is internal to PeerVault: only service identities may call it; caller is {}",
+                        principal.identity
+                    )),
+                    "not_a_service",
+                ));
+            }
+            Internal => {}
+            Needs(s) if !principal.scopes.grants(s) => {
+                return Err((
+                    Status::permission_denied(format!(
+                        "{path} needs scope '{}', which {} does not hold (it holds: {})",
+                        s.as_str(),
+                        principal.identity,
+                        principal.scopes.names().join(", ")
+                    )),
+                    "missing_scope",
+                ));
+            }
+            Needs(_) => {}
         }
+        confine::check_path(principal.key_prefix.as_deref(), path).map_err(|st| (st, "outside_prefix"))?;
         Ok(principal)
     }
 }
@@ -414,32 +633,50 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let conn = req.extensions().get::<ConnInfo>().cloned();
         let identity = self.state.authorizer.connection_identity(conn.as_ref());
         let path = req.uri().path().to_string();
-        let mut caller = match self.state.authorizer.decide(&path, identity.clone(), req.headers()) {
-            Ok(c) => c,
-            Err((status, reason)) => {
-                self.state.metrics.auth_failures.with_label_values(&[reason]).inc();
-                tracing::info!(
-                    path = %path,
-                    connection = %identity,
-                    remote = ?conn.as_ref().and_then(|c| c.remote_addr),
-                    code = ?status.code(),
-                    reason,
-                    "call refused"
-                );
-                return futures_util::future::ready(Ok(status.into_http())).boxed();
-            }
-        };
-        caller.remote_addr = conn.and_then(|c| c.remote_addr);
-        tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
-        req.extensions_mut().insert(caller);
         // Take the service that was driven to readiness and leave a fresh clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        inner.call(req).boxed()
+        let state = self.state.clone();
+        let first = state.authorizer.decide(&path, identity.clone(), req.headers());
+        let refuse = move |state: &AuthState, status: Status, reason: &'static str| {
+            state.metrics.auth_failures.with_label_values(&[reason]).inc();
+            tracing::info!(
+                path = %path,
+                connection = %identity,
+                remote = ?conn.as_ref().and_then(|c| c.remote_addr),
+                code = ?status.code(),
+                reason,
+                "call refused"
+            );
+            Ok(status.into_http())
+        };
+        let remote_addr = req.extensions().get::<ConnInfo>().and_then(|c| c.remote_addr);
+        let admit = move |mut req: Request<B>, mut caller: Caller| {
+            caller.remote_addr = remote_addr;
+            tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
+            req.extensions_mut().insert(caller);
+            req
+        };
+        match first {
+            Ok(caller) => inner.call(admit(req, caller)).boxed(),
+            // An API key this process must first ask a blob node about.
+            Err((_, reason)) if reason == remote::NOT_CACHED => async move {
+                let path = req.uri().path().to_string();
+                let conn = req.extensions().get::<ConnInfo>().cloned();
+                let identity = state.authorizer.connection_identity(conn.as_ref());
+                state.authorizer.fetch_presented_key(req.headers(), reason).await;
+                match state.authorizer.decide(&path, identity, req.headers()) {
+                    Ok(caller) => inner.call(admit(req, caller)).await,
+                    Err((status, reason)) => refuse(&state, status, reason),
+                }
+            }
+            .boxed(),
+            Err((status, reason)) => futures_util::future::ready(refuse(&state, status, reason)).boxed(),
+        }
     }
 }
 

@@ -34,6 +34,11 @@ impl ScopeSet {
         self.0 & Self::bit(Scope::Admin) != 0 || self.0 & Self::bit(s) != 0
     }
 
+    /// Whether every scope of `self` is held by `other` (`admin` in `other` holds everything).
+    pub fn within(self, other: ScopeSet) -> bool {
+        other.0 & Self::bit(Scope::Admin) != 0 || self.0 & !other.0 == 0
+    }
+
     /// The scopes' names, for logs and API answers.
     pub fn names(self) -> Vec<&'static str> {
         [Scope::Read, Scope::Write, Scope::Admin]
@@ -96,6 +101,8 @@ pub struct ScopeConfig {
     subjects: HashMap<String, SubjectGrant>,
     default_certificate: ScopeSet,
     dev_client: String,
+    /// Whether the development client certificate holds `admin` (only without `--auth-config`).
+    dev_admin: bool,
 }
 
 impl ScopeConfig {
@@ -107,11 +114,13 @@ impl ScopeConfig {
             subjects: HashMap::new(),
             default_certificate: ScopeSet::ALL,
             dev_client: format!("spiffe://{trust_domain}/client/dev"),
+            dev_admin: true,
         }
     }
 
     /// Reads `--auth-config`. Unlisted client certificates then get `default_certificate_scopes`
-    /// (none unless given); the development client certificate keeps `admin` unless listed.
+    /// (none unless given) — the development client certificate included: once an operator
+    /// writes a mapping, only the mapping grants `admin`.
     pub fn load(path: &Path, trust_domain: &str) -> Result<ScopeConfig, String> {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("cannot read --auth-config {}: {e}", path.display()))?;
@@ -145,6 +154,7 @@ impl ScopeConfig {
             subjects,
             default_certificate,
             dev_client: format!("spiffe://{trust_domain}/client/dev"),
+            dev_admin: false,
         })
     }
 
@@ -160,7 +170,7 @@ impl ScopeConfig {
         if found {
             return set;
         }
-        if sans.contains(&self.dev_client) {
+        if self.dev_admin && sans.contains(&self.dev_client) {
             return ScopeSet::ALL;
         }
         self.default_certificate
@@ -189,6 +199,15 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_fits_inside_its_creator() {
+        let r = ScopeSet::of(&[Scope::Read]);
+        let rw = ScopeSet::of(&[Scope::Read, Scope::Write]);
+        assert!(r.within(rw) && !rw.within(r));
+        assert!(ScopeSet::ALL.within(ScopeSet::of(&[Scope::Admin])));
+        assert!(!ScopeSet::of(&[Scope::Admin]).within(rw));
+    }
+
+    #[test]
     fn config_maps_sans_and_subjects() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("auth.yaml");
@@ -202,8 +221,13 @@ mod tests {
             c.for_certificate(&["spiffe://peervault.local/client/ci".into()]),
             ScopeSet::of(&[Scope::Read])
         );
+        // With a mapping, the development certificate is an ordinary unlisted client.
         assert_eq!(
             c.for_certificate(&["spiffe://peervault.local/client/dev".into()]),
+            ScopeSet::NONE
+        );
+        assert_eq!(
+            ScopeConfig::defaults("peervault.local").for_certificate(&["spiffe://peervault.local/client/dev".into()]),
             ScopeSet::ALL
         );
         assert_eq!(c.for_certificate(&["other".into()]), ScopeSet::NONE);

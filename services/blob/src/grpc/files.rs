@@ -12,7 +12,7 @@ use super::{BlobApi, MAX_FRAME, check_key, key_limit, stream_range};
 use crate::{
     cluster::{Replicas, Replicator},
     error::BlobError,
-    store::{Ingest, MetadataPatch, hex, now_ns, records::FileRec},
+    store::{FileQuery, Ingest, MetadataPatch, hex, now_ns, records::FileRec},
     validate,
 };
 
@@ -28,6 +28,8 @@ type WriterPipe = (
 /// Default and largest page of ListFiles.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// Furthest a page number may reach (page × page_size) in one call.
+const MAX_PAGE_REACH: u64 = 1_000_000;
 
 fn status(e: BlobError) -> Status {
     e.into()
@@ -419,46 +421,50 @@ impl BlobApi {
             n if n <= 0 => DEFAULT_PAGE,
             n => (n as usize).min(MAX_PAGE),
         };
-        let after = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(decode_token(&req.page_token)?)
+        let q = FileQuery {
+            prefix: &req.prefix,
+            filter: &req.filter,
         };
-        let mut after = after;
-        // The published API pages by number; tokens are cheaper, numbers still work.
-        if after.is_none() && req.page > 1 {
-            let skip = (req.page as usize - 1).saturating_mul(size);
-            let (skipped, _) = self.store.list_files(&req.prefix, None, skip).map_err(status)?;
-            if skipped.len() < skip {
-                return Ok(ListFilesResponse {
-                    files: vec![],
-                    total: self.store.count_files(&req.prefix).map_err(status)? as i32,
-                    page: req.page,
-                    page_size: size as i32,
-                    next_page_token: String::new(),
-                });
+        let page = req.page.max(1) as u64;
+        let after = if !req.page_token.is_empty() {
+            Some(decode_token(&req.page_token)?)
+        } else if page > 1 {
+            // The published API pages by number; tokens are cheaper, numbers still work, up to
+            // a bound on how far one call may skip.
+            if page.saturating_mul(size as u64) > MAX_PAGE_REACH {
+                return Err(Status::invalid_argument(format!(
+                    "page {page} × page_size {size} reaches past {MAX_PAGE_REACH} files: page with next_page_token instead"
+                )));
             }
-            after = skipped.last().map(|f| f.key.clone());
-        }
-        let (files, more) = self
-            .store
-            .list_files(&req.prefix, after.as_deref(), size)
-            .map_err(status)?;
-        let files: Vec<_> = files
-            .into_iter()
-            .filter(|f| req.filter.is_empty() || f.key.contains(&req.filter))
-            .collect();
+            match self.store.page_start(&q, size, page).map_err(status)? {
+                Some(a) => a,
+                None => {
+                    return Ok(ListFilesResponse {
+                        files: vec![],
+                        total: self.store.count_query(&q).map_err(status)?.min(i32::MAX as u64) as i32,
+                        page: req.page,
+                        page_size: size as i32,
+                        next_page_token: String::new(),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        let (files, more) = self.store.query_files(&q, after.as_deref(), size).map_err(status)?;
         let next = if more {
             files.last().map(|f| encode_token(&f.key)).unwrap_or_default()
         } else {
             String::new()
         };
+        if more
+            && req.page_token.is_empty()
+            && let Some(last) = files.last()
+        {
+            self.store.remember_page_end(&q, size, page, &last.key);
+        }
         Ok(ListFilesResponse {
-            total: self
-                .store
-                .count_files(&req.prefix)
-                .map_err(status)?
-                .min(i32::MAX as u64) as i32,
+            total: self.store.count_query(&q).map_err(status)?.min(i32::MAX as u64) as i32,
             page: req.page.max(1),
             page_size: size as i32,
             files: files.iter().map(|f| self.file_response(f)).collect(),

@@ -209,14 +209,9 @@ pub fn key_limit<T>(req: &tonic::Request<T>) -> Option<String> {
         .and_then(|c| c.key_prefix.clone())
 }
 
-/// Refuses `key` outside the caller's prefix.
+/// Refuses `key` outside the caller's prefix (the runtime's confinement rule).
 pub fn check_key(limit: Option<&str>, key: &str) -> Result<(), tonic::Status> {
-    match limit {
-        Some(p) if !key.starts_with(p) => Err(tonic::Status::permission_denied(format!(
-            "this credential is limited to keys under '{p}'"
-        ))),
-        _ => Ok(()),
-    }
+    peervault_runtime::auth::confine::check_key(limit, key)
 }
 
 /// Refuses content-addressed access for callers limited to a key prefix (a blob key would

@@ -3,7 +3,7 @@
 //! batch (puts interleave between batches), and the orphan scan covers a few chunk folders per
 //! call, resuming where the last call stopped.
 
-use std::{fs, sync::atomic::Ordering};
+use std::sync::atomic::Ordering;
 
 use super::{
     Store,
@@ -111,22 +111,19 @@ impl Store {
         for _ in 0..dirs.min(256) {
             let i = self.inner.orphan_cursor.fetch_add(1, Ordering::Relaxed) % 256;
             let sub = chunks_dir.join(format!("{i:02x}"));
-            let Ok(entries) = fs::read_dir(&sub) else { continue };
-            for e in entries.filter_map(|e| e.ok()) {
-                let Some(hash) = e
+            let Ok(entries) = self.inner.disk.list(&sub) else {
+                continue;
+            };
+            for (path, mtime) in entries {
+                let Some(hash) = path
                     .file_name()
-                    .to_str()
+                    .and_then(|n| n.to_str())
                     .and_then(|n| blake3::Hash::from_hex(n).ok())
                     .map(|h| *h.as_bytes())
                 else {
                     continue;
                 };
-                let old_enough = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > grace);
+                let old_enough = mtime.and_then(|t| t.elapsed().ok()).is_some_and(|age| age > grace);
                 if old_enough && self.unlink_if_unreferenced(&hash)? {
                     removed += 1;
                 }

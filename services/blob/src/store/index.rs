@@ -81,6 +81,8 @@ pub(crate) mod meta {
     pub const FILE_COUNT: &str = "file_count";
     pub const BLOB_COUNT: &str = "blob_count";
     pub const CHUNK_COUNT: &str = "chunk_count";
+    /// Bumped whenever the set of file keys changes (cached list counts key on it).
+    pub const FILE_GEN: &str = "file_gen";
 }
 
 /// One chunk of new content.
@@ -455,6 +457,7 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 meta_add(txn, meta::LOGICAL_BYTES, -(o.size as i64))?;
             } else {
                 meta_add(txn, meta::FILE_COUNT, 1)?;
+                meta_add(txn, meta::FILE_GEN, 1)?;
             }
             txn.open_table(FILES)?
                 .insert(rec.key.as_str(), rec.encode_to_vec().as_slice())?;
@@ -470,6 +473,7 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             txn.open_table(FILES)?.remove(key.as_str())?;
             blob_unref_file(txn, &old.blob_key, now_ns)?;
             meta_add(txn, meta::FILE_COUNT, -1)?;
+            meta_add(txn, meta::FILE_GEN, 1)?;
             meta_add(txn, meta::LOGICAL_BYTES, -(old.size as i64))?;
             let tomb = Tombstone {
                 deleted_ns: now_ns,
@@ -784,6 +788,7 @@ pub(crate) struct Counters {
     pub files: u64,
     pub blobs: u64,
     pub chunks: u64,
+    pub file_gen: u64,
 }
 
 pub(crate) fn read_counters(db: &Database) -> Result<Counters> {
@@ -801,6 +806,7 @@ pub(crate) fn read_counters(db: &Database) -> Result<Counters> {
         files: get(meta::FILE_COUNT)?,
         blobs: get(meta::BLOB_COUNT)?,
         chunks: get(meta::CHUNK_COUNT)?,
+        file_gen: get(meta::FILE_GEN)?,
     })
 }
 

@@ -9,8 +9,6 @@
 
 use std::{
     collections::HashMap,
-    fs::{self, File},
-    io::{Read, Write},
     path::{Path, PathBuf},
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -19,7 +17,9 @@ use std::{
 use blake3::hazmat::{ChainingValue, HasherExt};
 use bytes::BytesMut;
 
-use super::{ChunkMeta, INLINE_MAX, NewBlob, Store, pins::Pins, records::UploadChunkRec, sync_dir, tree::TreeHasher};
+use super::{
+    ChunkMeta, INLINE_MAX, NewBlob, Store, disk::DiskFile, pins::Pins, records::UploadChunkRec, tree::TreeHasher,
+};
 use crate::error::{BlobError, Result};
 
 impl Store {
@@ -103,13 +103,12 @@ impl Store {
         if reserve == 0 {
             return Ok(());
         }
-        if let Ok(s) = rustix::fs::statvfs(&self.inner.root) {
-            let free = s.f_bavail.saturating_mul(s.f_frsize);
-            if free < reserve {
-                return Err(self.volume_full(format!(
-                    "{free} bytes free, below the {reserve}-byte reserve (--volume-reserve)"
-                )));
-            }
+        if let Some(free) = self.inner.disk.free_bytes(&self.inner.root)
+            && free < reserve
+        {
+            return Err(self.volume_full(format!(
+                "{free} bytes free, below the {reserve}-byte reserve (--volume-reserve)"
+            )));
         }
         Ok(())
     }
@@ -133,6 +132,9 @@ impl Durable {
     }
 }
 
+/// A sealed chunk waiting in `tmp/`: its open file, temporary path, hash and length.
+type Sealed = (Box<dyn DiskFile>, PathBuf, [u8; 32], u32);
+
 /// Content being written. Blocking methods: drive it from `spawn_blocking`. Dropping it
 /// unfinished removes its temporary files and the chunks it put in place that nothing
 /// references, and releases its pins and quota reservation.
@@ -153,12 +155,12 @@ pub struct Ingest {
     /// The beginning of the object while it may still be small enough to keep inline.
     mem: BytesMut,
     /// The current chunk's temporary file once the object is too big to be inline.
-    file: Option<(File, PathBuf)>,
+    file: Option<(Box<dyn DiskFile>, PathBuf)>,
     chunks: Vec<ChunkMeta>,
     /// Chunks sealed and not yet referenced by a committed record.
     pins: Pins,
     /// Sealed chunks still in `tmp/`: fsynced and published by `make_durable`.
-    unpublished: Vec<(File, PathBuf, [u8; 32], u32)>,
+    unpublished: Vec<Sealed>,
     /// Chunks sealed since the last `make_durable`, with their chaining values.
     pending: Vec<(ChunkMeta, ChainingValue)>,
     /// Offset of the first pending chunk.
@@ -174,11 +176,12 @@ impl Drop for Ingest {
         if self.finished {
             return;
         }
+        let disk = self.store.inner.disk.clone();
         if let Some((_, path)) = self.file.take() {
-            let _ = fs::remove_file(path);
+            let _ = disk.remove_file(&path);
         }
         for (_, path, _, _) in self.unpublished.drain(..) {
-            let _ = fs::remove_file(path);
+            let _ = disk.remove_file(&path);
         }
         // Chunks this ingest published that no committed record references go now rather
         // than wait for the orphan scan.
@@ -323,14 +326,17 @@ impl Ingest {
     }
 
     /// A new temporary chunk file holding whatever of the chunk is still in memory.
-    fn new_tmp(&mut self) -> Result<(File, PathBuf)> {
+    fn new_tmp(&mut self) -> Result<(Box<dyn DiskFile>, PathBuf)> {
         self.store.check_space()?;
         let path = self.store.tmp_path();
-        let mut f = File::create(&path).map_err(|e| self.store.io_error(format!("create {}", path.display()), e))?;
+        let disk = &self.store.inner.disk;
+        let mut f = disk
+            .create(&path)
+            .map_err(|e| self.store.io_error(format!("create {}", path.display()), e))?;
         if !self.mem.is_empty() {
             let r = f.write_all(&self.mem);
             if let Err(e) = r {
-                let _ = fs::remove_file(&path);
+                let _ = disk.remove_file(&path);
                 return Err(self.store.io_error("write chunk", e));
             }
             self.mem.clear();
@@ -384,7 +390,7 @@ impl Ingest {
         let _span = tracing::debug_span!("fsync", chunks = self.unpublished.len()).entered();
         let mut dirs: Vec<PathBuf> = Vec::new();
         // Data first, all of it, so the device sees one batch of flushes.
-        for (f, path, _, _) in &self.unpublished {
+        for (f, path, _, _) in &mut self.unpublished {
             f.sync_data()
                 .map_err(|e| self.store.io_error(format!("fsync {}", path.display()), e))?;
         }
@@ -392,7 +398,7 @@ impl Ingest {
             drop(f);
             let dest = self.store.chunk_path(&hash);
             let published = self.store.publish_chunk(&tmp, &dest, &hash, size);
-            let _ = fs::remove_file(&tmp);
+            let _ = self.store.inner.disk.remove_file(&tmp);
             published?;
             if let Some(d) = dest.parent()
                 && !dirs.iter().any(|x| x == d)
@@ -401,7 +407,11 @@ impl Ingest {
             }
         }
         for d in dirs {
-            sync_dir(&d).map_err(|e| self.store.io_error(format!("fsync {}", d.display()), e))?;
+            self.store
+                .inner
+                .disk
+                .sync_dir(&d)
+                .map_err(|e| self.store.io_error(format!("fsync {}", d.display()), e))?;
         }
         let pending = std::mem::take(&mut self.pending);
         let offset = self.pending_from;
@@ -478,39 +488,54 @@ impl Store {
     /// Publishes the fsynced temporary file `tmp` as chunk `hash` at `dest` without replacing a
     /// file already there: an existing copy is verified and fsynced instead, and one that fails
     /// verification is replaced by the durable new copy. Blocking.
-    fn publish_chunk(&self, tmp: &Path, dest: &Path, hash: &[u8; 32], size: u32) -> Result<()> {
-        match fs::hard_link(tmp, dest) {
+    pub(super) fn publish_chunk(&self, tmp: &Path, dest: &Path, hash: &[u8; 32], size: u32) -> Result<()> {
+        let disk = &self.inner.disk;
+        match disk.hard_link(tmp, dest) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 if self.existing_chunk_is_sound(dest, hash, size) {
-                    File::open(dest)
-                        .and_then(|f| f.sync_data())
+                    disk.sync_file(dest)
                         .map_err(|e| self.io_error(format!("fsync {}", dest.display()), e))
                 } else {
                     self.inner.metrics.integrity_failures.inc();
                     tracing::warn!(chunk = %super::hex(hash), "stored chunk failed verification; replaced by the new upload's copy");
-                    fs::rename(tmp, dest).map_err(|e| self.io_error(format!("rename to {}", dest.display()), e))
+                    disk.rename(tmp, dest)
+                        .map_err(|e| self.io_error(format!("rename to {}", dest.display()), e))
                 }
             }
             Err(e) => Err(self.io_error(format!("link {}", dest.display()), e)),
         }
     }
 
-    fn existing_chunk_is_sound(&self, path: &Path, hash: &[u8; 32], size: u32) -> bool {
-        let Ok(mut f) = File::open(path) else { return false };
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut len = 0u64;
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    len += n as u64;
-                    h.update(buf.get(..n).unwrap_or_default());
-                }
-                Err(_) => return false,
+    /// Writes a whole, already verified chunk (one received from another pod) the way an
+    /// upload does: fsynced in `tmp/`, published without replacing a sound copy (a corrupt one
+    /// is replaced), its folder fsynced. Blocking.
+    pub(super) fn write_chunk_durably(&self, hash: &[u8; 32], data: &[u8]) -> Result<()> {
+        let disk = &self.inner.disk;
+        let tmp = self.tmp_path();
+        let written = (|| {
+            let mut f = disk
+                .create(&tmp)
+                .map_err(|e| self.io_error(format!("create {}", tmp.display()), e))?;
+            f.write_all(data).map_err(|e| self.io_error("write chunk", e))?;
+            f.sync_data().map_err(|e| self.io_error("fsync chunk", e))?;
+            drop(f);
+            let dest = self.chunk_path(hash);
+            self.publish_chunk(&tmp, &dest, hash, data.len() as u32)?;
+            if let Some(d) = dest.parent() {
+                disk.sync_dir(d)
+                    .map_err(|e| self.io_error(format!("fsync {}", d.display()), e))?;
             }
+            Ok(())
+        })();
+        let _ = disk.remove_file(&tmp);
+        written
+    }
+
+    fn existing_chunk_is_sound(&self, path: &Path, hash: &[u8; 32], size: u32) -> bool {
+        match self.inner.disk.read(path) {
+            Ok(data) => data.len() == size as usize && blake3::hash(&data).as_bytes() == hash,
+            Err(_) => false,
         }
-        len == size as u64 && h.finalize().as_bytes() == hash
     }
 }

@@ -6,6 +6,7 @@
 //! Objects up to [`INLINE_MAX`] bytes are kept inside the index, so a small put is one grouped
 //! index commit and no file at all.
 
+pub mod disk;
 mod gc;
 pub mod index;
 mod ingest;
@@ -19,7 +20,6 @@ mod tree;
 
 use std::{
     collections::HashMap,
-    fs::{self, File},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -35,6 +35,7 @@ pub use index::{ChunkMeta, MetadataPatch, NewBlob, hex};
 use index::{Counters, Job, Op, Reply};
 pub use ingest::{Durable, Finished, Ingest};
 pub use pins::{Pins, ReadPin};
+pub use read::FileQuery;
 
 use crate::{
     config::BlobConfig,
@@ -61,6 +62,7 @@ pub struct Store {
 
 struct Inner {
     root: PathBuf,
+    disk: Arc<dyn disk::Disk>,
     cfg: BlobConfig,
     db: Arc<Database>,
     commit_tx: mpsc::Sender<Job>,
@@ -71,6 +73,8 @@ struct Inner {
     /// Bytes of uploads in flight, counted against the quota before they are committed.
     reserved: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Recent ListFiles counts and page ends.
+    list_cache: Mutex<read::ListCache>,
     /// The next chunk folder the orphan scan looks at.
     orphan_cursor: std::sync::atomic::AtomicUsize,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -128,32 +132,36 @@ fn chunk_rel_path(hash: &[u8; 32]) -> PathBuf {
     PathBuf::from(&h[..2]).join(h)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 impl Store {
     /// Opens (or creates) the store under `root`, recovers from an interrupted run and starts
     /// the committer thread. Blocking: call from `spawn_blocking` or before serving.
     pub fn open(root: &Path, cfg: BlobConfig, metrics: BlobMetrics) -> Result<Store> {
+        Self::open_on(Arc::new(disk::OsDisk), root, cfg, metrics)
+    }
+
+    /// [`Store::open`] on a given disk (tests use a simulated one).
+    pub fn open_on(disk: Arc<dyn disk::Disk>, root: &Path, cfg: BlobConfig, metrics: BlobMetrics) -> Result<Store> {
         let _span = tracing::info_span!("store_open", root = %root.display()).entered();
         let chunks = root.join("chunks");
         let tmp = root.join("tmp");
         for d in [root, &chunks, &tmp] {
-            fs::create_dir_all(d).map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
+            disk.create_dir_all(d)
+                .map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
         }
         let mut created = false;
         for i in 0..=255u8 {
             let d = chunks.join(format!("{i:02x}"));
-            if !d.is_dir() {
-                fs::create_dir_all(&d).map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
+            if !disk.is_dir(&d) {
+                disk.create_dir_all(&d)
+                    .map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
                 created = true;
             }
         }
         if created {
             // New folders are durable before any chunk inside them is acknowledged.
             for d in [&chunks, root] {
-                sync_dir(d).map_err(|e| BlobError::io(format!("fsync {}", d.display()), e))?;
+                disk.sync_dir(d)
+                    .map_err(|e| BlobError::io(format!("fsync {}", d.display()), e))?;
             }
         }
         // The index first: it is locked by this process, so a second process on the same volume
@@ -162,17 +170,17 @@ impl Store {
         let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = repaired.clone();
         let started = std::time::Instant::now();
-        let db = Database::builder()
+        let mut builder = Database::builder();
+        builder
             .set_cache_size(cfg.index_cache.min(usize::MAX as u64) as usize)
-            .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
-            .create(&db_path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => BlobError::Unavailable(format!(
-                    "{} is in use by another process: one blob process per data directory",
-                    db_path.display()
-                )),
-                e => BlobError::from(e),
-            })?;
+            .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed));
+        let db = disk.open_index(&db_path, &builder).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => BlobError::Unavailable(format!(
+                "{} is in use by another process: one blob process per data directory",
+                db_path.display()
+            )),
+            e => BlobError::from(e),
+        })?;
         if repaired.load(Ordering::Relaxed) {
             tracing::warn!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -182,13 +190,16 @@ impl Store {
         let db = Arc::new(db);
         // Leftovers of writes that never committed: nothing in the index points at them.
         let mut removed = 0u64;
-        for e in fs::read_dir(&tmp).map_err(|e| BlobError::io(format!("list {}", tmp.display()), e))? {
-            let e = e.map_err(|e| BlobError::io("list tmp", e))?;
-            fs::remove_file(e.path()).map_err(|err| BlobError::io(format!("remove {}", e.path().display()), err))?;
+        for (path, _) in disk
+            .list(&tmp)
+            .map_err(|e| BlobError::io(format!("list {}", tmp.display()), e))?
+        {
+            disk.remove_file(&path)
+                .map_err(|err| BlobError::io(format!("remove {}", path.display()), err))?;
             removed += 1;
         }
         if removed > 0 {
-            sync_dir(&tmp).map_err(|e| BlobError::io("sync tmp", e))?;
+            disk.sync_dir(&tmp).map_err(|e| BlobError::io("sync tmp", e))?;
             metrics
                 .recovery_removed
                 .with_label_values(&["temp_file"])
@@ -200,6 +211,7 @@ impl Store {
         let (commit_tx, commit_rx) = mpsc::channel(1024);
         let inner = Arc::new(Inner {
             root: root.to_path_buf(),
+            disk,
             cfg,
             db: db.clone(),
             commit_tx,
@@ -209,6 +221,7 @@ impl Store {
             reserved: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
             orphan_cursor: std::sync::atomic::AtomicUsize::new(0),
+            list_cache: Mutex::new(read::ListCache::default()),
             committer: Mutex::new(None),
             #[cfg(any(test, feature = "test-hooks"))]
             hook: Mutex::new(None),
@@ -327,9 +340,7 @@ impl Store {
 
     /// Size of the volume holding the store, in bytes (0 if unknown).
     pub fn volume_size(&self) -> u64 {
-        rustix::fs::statvfs(&self.inner.root)
-            .map(|s| s.f_blocks.saturating_mul(s.f_frsize))
-            .unwrap_or(0)
+        self.inner.disk.total_bytes(&self.inner.root).unwrap_or(0)
     }
 
     /// The configuration in force.
@@ -399,6 +410,10 @@ impl Store {
 }
 
 #[cfg(test)]
+mod sim_disk;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_defects;
+#[cfg(test)]
+mod tests_power;

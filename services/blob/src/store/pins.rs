@@ -3,7 +3,7 @@
 //! unlink rule, [`Store::unlink_if_unreferenced`], used by GC, the orphan scan and abandoned
 //! ingests alike.
 
-use std::{collections::HashSet, fs};
+use std::collections::HashSet;
 
 use super::{Store, records::BlobRec};
 use crate::error::Result;
@@ -103,7 +103,7 @@ impl Store {
             return Ok(false);
         }
         let path = self.chunk_path(hash);
-        match fs::remove_file(&path) {
+        match self.inner.disk.remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => {

@@ -1,7 +1,5 @@
 //! Reads: chunks (verified against their hash) and index records.
 
-use std::fs;
-
 use bytes::Bytes;
 use redb::ReadableDatabase;
 
@@ -23,7 +21,7 @@ impl Store {
         let data = if let Some(d) = inline {
             d
         } else {
-            match fs::read(self.chunk_path(hash)) {
+            match self.inner.disk.read(&self.chunk_path(hash)) {
                 Ok(d) => Bytes::from(d),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     self.inner.metrics.integrity_failures.inc();
@@ -107,11 +105,18 @@ impl Store {
     /// Files with `prefix`, after `after` (exclusive), at most `limit`, in key order; and
     /// whether more follow.
     pub fn list_files(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<(Vec<FileRec>, bool)> {
+        self.query_files(&FileQuery { prefix, filter: "" }, after, limit)
+    }
+
+    /// Files matching `q` after `after` (exclusive), at most `limit`, in key order, and whether
+    /// more follow. The filter is applied before the page is cut, on keys alone: a record is
+    /// decoded only when it is returned.
+    pub fn query_files(&self, q: &FileQuery<'_>, after: Option<&str>, limit: usize) -> Result<(Vec<FileRec>, bool)> {
         let txn = self.inner.db.begin_read()?;
         let t = txn.open_table(index::FILES)?;
         let start = match after {
-            Some(a) if a >= prefix => a,
-            _ => prefix,
+            Some(a) if a >= q.prefix => a,
+            _ => q.prefix,
         };
         let mut out = Vec::new();
         for e in t.range(start..)? {
@@ -120,8 +125,11 @@ impl Store {
             if Some(key) == after {
                 continue;
             }
-            if !key.starts_with(prefix) {
+            if !key.starts_with(q.prefix) {
                 break;
+            }
+            if !q.matches(key) {
+                continue;
             }
             if out.len() == limit {
                 return Ok((out, true));
@@ -133,20 +141,93 @@ impl Store {
 
     /// Number of files with `prefix`.
     pub fn count_files(&self, prefix: &str) -> Result<u64> {
-        if prefix.is_empty() {
-            return Ok(self.stats().files);
+        self.count_query(&FileQuery { prefix, filter: "" })
+    }
+
+    /// Number of files matching `q`: the file counter for everything, else one key-only scan
+    /// per change of the key set (cached until a file is added or removed).
+    pub fn count_query(&self, q: &FileQuery<'_>) -> Result<u64> {
+        let c = *self.inner.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if q.prefix.is_empty() && q.filter.is_empty() {
+            return Ok(c.files);
+        }
+        let id = (q.prefix.to_string(), q.filter.to_string());
+        if let Some(&(gen_, n)) = self.list_cache().counts.get(&id)
+            && gen_ == c.file_gen
+        {
+            return Ok(n);
         }
         let txn = self.inner.db.begin_read()?;
         let t = txn.open_table(index::FILES)?;
         let mut n = 0;
-        for e in t.range(prefix..)? {
+        for e in t.range(q.prefix..)? {
             let (k, _) = e?;
-            if !k.value().starts_with(prefix) {
+            let key = k.value();
+            if !key.starts_with(q.prefix) {
                 break;
             }
-            n += 1;
+            if q.matches(key) {
+                n += 1;
+            }
         }
+        let mut cache = self.list_cache();
+        if cache.counts.len() >= LIST_CACHE_ENTRIES {
+            cache.counts.clear();
+        }
+        cache.counts.insert(id, (c.file_gen, n));
         Ok(n)
+    }
+
+    /// Where page `page` (1-based) of `size` matching files starts: the key it follows (`None`
+    /// for the first page), or `Err(())`-like `Ok(None)` past the end. Consecutive pages reuse
+    /// the previous page's last key; other pages skip keys without decoding records.
+    pub fn page_start(&self, q: &FileQuery<'_>, size: usize, page: u64) -> Result<Option<Option<String>>> {
+        if page <= 1 {
+            return Ok(Some(None));
+        }
+        let file_gen = self.inner.counters.lock().unwrap_or_else(|p| p.into_inner()).file_gen;
+        let id = (q.prefix.to_string(), q.filter.to_string(), size, page - 1);
+        if let Some((g, k)) = self.list_cache().page_ends.get(&id)
+            && *g == file_gen
+        {
+            return Ok(Some(Some(k.clone())));
+        }
+        let skip = (page - 1).saturating_mul(size as u64);
+        let txn = self.inner.db.begin_read()?;
+        let t = txn.open_table(index::FILES)?;
+        let mut seen = 0u64;
+        for e in t.range(q.prefix..)? {
+            let (k, _) = e?;
+            let key = k.value();
+            if !key.starts_with(q.prefix) {
+                break;
+            }
+            if !q.matches(key) {
+                continue;
+            }
+            seen += 1;
+            if seen == skip {
+                return Ok(Some(Some(key.to_string())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Remembers where page `page` ended, so the next page starts without a scan.
+    pub fn remember_page_end(&self, q: &FileQuery<'_>, size: usize, page: u64, last: &str) {
+        let file_gen = self.inner.counters.lock().unwrap_or_else(|p| p.into_inner()).file_gen;
+        let mut cache = self.list_cache();
+        if cache.page_ends.len() >= LIST_CACHE_ENTRIES {
+            cache.page_ends.clear();
+        }
+        cache.page_ends.insert(
+            (q.prefix.to_string(), q.filter.to_string(), size, page),
+            (file_gen, last.to_string()),
+        );
+    }
+
+    fn list_cache(&self) -> std::sync::MutexGuard<'_, ListCache> {
+        self.inner.list_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Blobs in key order after `start_after`, with keys starting with `prefix`, at most `limit`
@@ -203,4 +284,29 @@ impl Store {
             .map(|v| decode::<ChunkRec>("chunk", v.value()))
             .transpose()
     }
+}
+
+/// Most entries in each list cache (cleared when full: a bounded memory cost).
+const LIST_CACHE_ENTRIES: usize = 256;
+
+/// A ListFiles query: a key prefix and a key substring filter (empty: every key).
+#[derive(Debug, Clone, Copy)]
+pub struct FileQuery<'a> {
+    /// Keys start with this.
+    pub prefix: &'a str,
+    /// Keys contain this.
+    pub filter: &'a str,
+}
+
+impl FileQuery<'_> {
+    fn matches(&self, key: &str) -> bool {
+        self.filter.is_empty() || key.contains(self.filter)
+    }
+}
+
+/// Counts and page ends of recent list queries, valid while the key set's generation holds.
+#[derive(Default)]
+pub(super) struct ListCache {
+    counts: std::collections::HashMap<(String, String), (u64, u64)>,
+    page_ends: std::collections::HashMap<(String, String, usize, u64), (u64, String)>,
 }

@@ -2,11 +2,6 @@
 //! hybrid logical clock), applying a record only when it is newer, chunks received from other
 //! pods (verified, durable), and listings and digests by partition for anti-entropy.
 
-use std::{
-    fs::{self, File},
-    io::Write,
-};
-
 use bytes::Bytes;
 use peervault_proto::v1::{FileRecord, HybridTimestamp};
 use redb::{ReadableDatabase, ReadableTable};
@@ -15,7 +10,6 @@ use super::{
     ChunkMeta, Finished, INLINE_MAX, NewBlob, Store, hex,
     index::{self, Op, Reply},
     records::{BlobRec, ChunkRec, FileRec, Hlc, Tombstone, decode},
-    sync_dir,
 };
 use crate::error::{BlobError, Result};
 
@@ -311,19 +305,7 @@ impl Store {
             return Ok(false);
         }
         self.reserve(data.len() as u64)?;
-        let out = (|| {
-            let tmp = self.tmp_path();
-            let mut f = File::create(&tmp).map_err(|e| BlobError::io(format!("create {}", tmp.display()), e))?;
-            f.write_all(data).map_err(|e| BlobError::io("write chunk", e))?;
-            f.sync_data().map_err(|e| BlobError::io("fsync chunk", e))?;
-            drop(f);
-            let dest = self.chunk_path(hash);
-            fs::rename(&tmp, &dest).map_err(|e| BlobError::io(format!("rename to {}", dest.display()), e))?;
-            if let Some(d) = dest.parent() {
-                sync_dir(d).map_err(|e| BlobError::io(format!("fsync {}", d.display()), e))?;
-            }
-            Ok(true)
-        })();
+        let out = self.write_chunk_durably(hash, data).map(|()| true);
         self.unreserve(data.len() as u64);
         out
     }
@@ -334,7 +316,7 @@ impl Store {
         if let Some(rec) = self.chunk_record(hash)? {
             return self.read_chunk(hash, rec.size);
         }
-        match fs::read(self.chunk_path(hash)) {
+        match self.inner.disk.read(&self.chunk_path(hash)) {
             Ok(d) => self.verify(hash, d.len() as u32, Bytes::from(d)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(BlobError::NotFound(format!("chunk {} is not on this pod", hex(hash))))
@@ -356,16 +338,7 @@ impl Store {
             // Inline chunks live in the index, whose pages are checksummed by redb.
             return Ok(());
         }
-        let tmp = self.tmp_path();
-        let mut f = File::create(&tmp).map_err(|e| BlobError::io(format!("create {}", tmp.display()), e))?;
-        f.write_all(data).map_err(|e| BlobError::io("write chunk", e))?;
-        f.sync_data().map_err(|e| BlobError::io("fsync chunk", e))?;
-        drop(f);
-        let dest = self.chunk_path(hash);
-        fs::rename(&tmp, &dest).map_err(|e| BlobError::io(format!("rename to {}", dest.display()), e))?;
-        if let Some(d) = dest.parent() {
-            sync_dir(d).map_err(|e| BlobError::io(format!("fsync {}", d.display()), e))?;
-        }
+        self.write_chunk_durably(hash, data)?;
         tracing::warn!(chunk = %hex(hash), "chunk repaired from a replica");
         Ok(())
     }

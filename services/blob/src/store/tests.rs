@@ -1,7 +1,7 @@
 //! Engine tests: round trips at chunk boundaries, deduplication, deletes and garbage collection,
 //! restart, integrity failures, and a property test against a model.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, fs, time::Duration};
 
 use proptest::prelude::*;
 

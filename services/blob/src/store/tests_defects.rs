@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    fs,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},

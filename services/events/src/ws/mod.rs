@@ -1,22 +1,26 @@
 //! The PeerVault WebSocket gateway: `/ws` (the published WebSocket API) and `/ws/health`,
 //! `/ws/metrics`, `/ws/status` on the events HTTP port.
 //!
-//! Per connection: an origin check before the upgrade; a connection slot (refused with
-//! CONNECTION_REFUSED beyond the limit); token authentication when a [`TokenValidator`] is
-//! plugged in (`?token=`, `Authorization: Bearer`, or an `auth` message within the read timeout;
-//! AUTH_FAILED otherwise); a message size limit (INVALID_MESSAGE, then close 1009); a rate limit
+//! The port speaks TLS with the process's reloadable certificates (plaintext only with
+//! `--insecure`). Per connection: an origin check before the upgrade; a connection slot, globally
+//! and per client address (refused with CONNECTION_REFUSED beyond either limit); authentication
+//! through a [`TokenValidator`] — a verified client certificate, or a token (`?token=`,
+//! `Authorization: Bearer`, or an `auth` message within the read timeout; AUTH_FAILED
+//! otherwise) — unless anonymous access was asked for; the caller's key prefix narrows its file
+//! events; a revoked or expired credential closes the connection (1008) within seconds; a message size limit (INVALID_MESSAGE, then close 1009); a rate limit
 //! (RATE_LIMIT_EXCEEDED with `retryAfter`, the message dropped, the connection kept); pings every
 //! ping period and a close after the pong wait without a word from the client; a write timeout
 //! that closes a client that does not read. Memory per connection is bounded: the subscription
 //! reads the shared broadcast ring and writes are bounded by the write buffer and the timeout.
 
+pub mod auth;
 pub mod protocol;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -33,8 +37,13 @@ use axum::{
     routing::get,
 };
 use futures_util::SinkExt;
+use peervault_runtime::{Caller, Identity, auth::ScopeSet, identity::ConnInfo, tls::ReloadableTls};
 use serde_json::json;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::watch,
+};
 
 use crate::{
     core::EventsCore,
@@ -45,11 +54,39 @@ use crate::{
 };
 use protocol::ClientMessage;
 
-/// Checks bearer tokens of WebSocket clients. The access-control work plugs API keys and JWTs
-/// in here; without a validator every connection is accepted.
+/// Authenticates WebSocket clients. The binary plugs in the runtime's authorizer
+/// ([`auth::RuntimeAuth`]: the same API keys, JWTs and certificates as gRPC).
 pub trait TokenValidator: Send + Sync + 'static {
-    /// The identity a token stands for, or why it is refused.
-    fn validate(&self, token: &str) -> Result<String, String>;
+    /// The caller a token stands for (its key prefix included), or why it is refused. Async: the
+    /// key may have to be verified by a blob node.
+    fn validate<'a>(&'a self, token: &'a str) -> futures_util::future::BoxFuture<'a, Result<Caller, String>>;
+
+    /// The caller a connection's verified client certificate stands for; `None` when the
+    /// connection presented none.
+    fn certificate(&self, _conn: &ConnInfo) -> Option<Result<Caller, String>> {
+        None
+    }
+
+    /// Err once the caller's credential has been revoked or has expired.
+    fn revalidate(&self, _caller: &Caller) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The caller of a connection admitted without credentials (`--ws-allow-anonymous`).
+fn anonymous(remote: SocketAddr) -> Caller {
+    Caller {
+        identity: Identity::Anonymous,
+        remote_addr: Some(remote),
+        scopes: ScopeSet::of(&[peervault_runtime::auth::Scope::Read]),
+        key_prefix: None,
+        valid_until: None,
+    }
+}
+
+/// Whether a caller's credential can lapse (and so is checked again while it is connected).
+fn lapses(c: &Caller) -> bool {
+    c.valid_until.is_some() || matches!(c.identity, Identity::ApiKey { .. })
 }
 
 /// Close codes of RFC 6455 the gateway uses.
@@ -63,15 +100,16 @@ mod close {
 /// Most queued deliveries written in one batch before a flush.
 const WRITE_BATCH: usize = 64;
 
-/// The client's address, inserted per connection by the server loop.
-#[derive(Debug, Clone, Copy)]
-struct Remote(SocketAddr);
+/// The client's address and TLS facts, inserted per connection by the server loop.
+#[derive(Debug, Clone)]
+struct Remote(SocketAddr, ConnInfo);
 
 struct GatewayState {
     core: EventsCore,
     ws: WsSettings,
-    validator: Option<Arc<dyn TokenValidator>>,
+    validator: Arc<dyn TokenValidator>,
     connections: AtomicUsize,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
     next_client: AtomicU64,
     received: AtomicU64,
     sent: AtomicU64,
@@ -92,7 +130,7 @@ impl Gateway {
     pub fn new(
         core: EventsCore,
         ws: WsSettings,
-        validator: Option<Arc<dyn TokenValidator>>,
+        validator: Arc<dyn TokenValidator>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Gateway {
@@ -101,6 +139,7 @@ impl Gateway {
                 ws,
                 validator,
                 connections: AtomicUsize::new(0),
+                per_address: Mutex::new(HashMap::new()),
                 next_client: AtomicU64::new(1),
                 received: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
@@ -125,10 +164,11 @@ impl Gateway {
             .with_state(self.st.clone())
     }
 
-    /// Serves HTTP/1.1 on `listener` until `shutdown` turns true. The request head must arrive
-    /// within the read timeout (slow-loris clients are cut off).
-    pub async fn serve(self, listener: TcpListener) {
-        use hyper_util::rt::{TokioIo, TokioTimer};
+    /// Serves HTTP/1.1 on `listener` until `shutdown` turns true: over TLS with the current
+    /// certificates of `tls` (each connection takes the config in force when it arrives), or
+    /// plaintext when `tls` is `None` (`--insecure`). The TLS handshake and the request head must
+    /// arrive within the read timeout (slow-loris clients are cut off).
+    pub async fn serve(self, listener: TcpListener, tls: Option<Arc<ReloadableTls>>) {
         let router = self.router();
         let mut shutdown = self.st.shutdown.clone();
         let read_timeout = self.st.ws.read_timeout;
@@ -146,29 +186,83 @@ impl Gateway {
                 _ = stopped(&mut shutdown) => break,
             };
             let _ = tcp.set_nodelay(true);
-            let svc = hyper_util::service::TowerToHyperService::new(router.clone().layer(Extension(Remote(remote))));
-            let mut stop = self.st.shutdown.clone();
+            let router = router.clone();
+            let stop = self.st.shutdown.clone();
+            let st = self.st.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(read_timeout)
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(remote = %remote, error = %e, "events HTTP connection ended");
-                        }
+                let Some(tls) = tls else {
+                    let info = ConnInfo {
+                        remote_addr: Some(remote),
+                        peer_certs: None,
+                        insecure: true,
+                    };
+                    return serve_http(tcp, router, Remote(remote, info), read_timeout, stop).await;
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.http_current());
+                match tokio::time::timeout(read_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let certs = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>()));
+                        let info = ConnInfo {
+                            remote_addr: Some(remote),
+                            peer_certs: certs,
+                            insecure: false,
+                        };
+                        serve_http(stream, router, Remote(remote, info), read_timeout, stop).await
                     }
-                    _ = stopped(&mut stop) => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                    Ok(Err(e)) => {
+                        st.core
+                            .hub
+                            .metrics()
+                            .ws_rejects
+                            .with_label_values(&["tls_handshake"])
+                            .inc();
+                        tracing::info!(remote = %remote, error = %e, "events HTTP TLS handshake refused");
+                    }
+                    Err(_) => {
+                        st.core
+                            .hub
+                            .metrics()
+                            .ws_rejects
+                            .with_label_values(&["tls_handshake"])
+                            .inc();
+                        tracing::info!(remote = %remote, "events HTTP TLS handshake timed out");
                     }
                 }
             });
         }
         tracing::info!("events HTTP port closed");
+    }
+}
+
+/// Serves one HTTP/1.1 connection (with upgrades) until it ends or the gateway stops.
+async fn serve_http<I>(io: I, router: Router, remote: Remote, read_timeout: Duration, mut stop: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let addr = remote.0;
+    let svc = hyper_util::service::TowerToHyperService::new(router.layer(Extension(remote)));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(remote = %addr, error = %e, "events HTTP connection ended");
+            }
+        }
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }
 
@@ -190,25 +284,55 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string())
 }
 
-/// Holds one connection slot; frees it when the connection ends.
-struct Slot(Arc<GatewayState>);
+/// Holds one connection slot (global and of its client address); frees both when the
+/// connection ends.
+struct Slot(Arc<GatewayState>, IpAddr);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
         self.0.core.hub.metrics().ws_connections.dec();
+        let mut per = self.0.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.1);
+            }
+        }
     }
+}
+
+/// Takes a slot for a connection from `ip`, or says which limit is reached.
+fn take_slot(st: &Arc<GatewayState>, ip: IpAddr) -> Result<Slot, EventsError> {
+    let max = st.ws.max_connections;
+    let per_max = st.ws.max_connections_per_address;
+    let mut per = st.per_address.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = per.get(&ip).copied().unwrap_or(0);
+    if mine >= per_max {
+        return Err(EventsError::TooManyConnectionsFromAddress { limit: per_max });
+    }
+    if st
+        .connections
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+        .is_err()
+    {
+        return Err(EventsError::TooManyConnections { limit: max });
+    }
+    per.insert(ip, mine + 1);
+    drop(per);
+    st.core.hub.metrics().ws_connections.inc();
+    Ok(Slot(st.clone(), ip))
 }
 
 /// What the handshake decided before the socket exists.
 enum Admission {
-    Accept { authed: bool, slot: Slot },
+    Accept { caller: Option<Caller>, slot: Slot },
     Refuse(EventsError, u16),
 }
 
 async fn upgrade(
     State(st): State<Arc<GatewayState>>,
-    Extension(Remote(remote)): Extension<Remote>,
+    Extension(Remote(remote, conn)): Extension<Remote>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -223,30 +347,33 @@ async fn upgrade(
     if *st.shutdown.borrow() {
         return reject(&st, StatusCode::SERVICE_UNAVAILABLE, &EventsError::ShuttingDown);
     }
-    let max = st.ws.max_connections;
-    let admission = match st
-        .connections
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-    {
-        Err(_) => Admission::Refuse(EventsError::TooManyConnections { limit: max }, close::AGAIN),
-        Ok(_) => {
-            st.core.hub.metrics().ws_connections.inc();
-            let slot = Slot(st.clone());
+    let admission = match take_slot(&st, remote.ip()) {
+        Err(e) => Admission::Refuse(e, close::AGAIN),
+        Ok(slot) => {
             let token = query.get("token").cloned().or_else(|| bearer(&headers));
-            match (&st.validator, token) {
-                (None, _) => Admission::Accept { authed: true, slot },
-                (Some(_), None) => Admission::Accept { authed: false, slot },
-                (Some(v), Some(t)) => match v.validate(&t) {
-                    Ok(who) => {
-                        tracing::debug!(remote = %remote, identity = %who, "WebSocket client authenticated");
-                        Admission::Accept { authed: true, slot }
+            let who = match token {
+                Some(t) => st.validator.validate(&t).await.map(Some),
+                None => st.validator.certificate(&conn).transpose(),
+            };
+            match who {
+                Ok(Some(caller)) => {
+                    tracing::debug!(remote = %remote, identity = %caller.identity, "WebSocket client authenticated");
+                    Admission::Accept {
+                        caller: Some(caller),
+                        slot,
                     }
-                    Err(reason) => {
-                        st.core.auth_failure(&remote.ip().to_string());
-                        drop(slot);
-                        Admission::Refuse(EventsError::AuthFailed(reason), close::POLICY)
-                    }
+                }
+                Ok(None) if st.ws.allow_anonymous => Admission::Accept {
+                    caller: Some(anonymous(remote)),
+                    slot,
                 },
+                // No credential yet: an `auth` message must come within the read timeout.
+                Ok(None) => Admission::Accept { caller: None, slot },
+                Err(reason) => {
+                    st.core.auth_failure(&remote.ip().to_string());
+                    drop(slot);
+                    Admission::Refuse(EventsError::AuthFailed(reason), close::POLICY)
+                }
             }
         }
     };
@@ -262,10 +389,10 @@ async fn upgrade(
     ws.on_upgrade(move |socket| async move {
         match admission {
             Admission::Refuse(e, code) => refuse(socket, &st, e, code, remote).await,
-            Admission::Accept { authed, slot } => {
+            Admission::Accept { caller, slot } => {
                 let m = st.core.hub.metrics();
                 m.ws_connections_total.inc();
-                Connection::new(st.clone(), remote, authed).run(socket).await;
+                Connection::new(st.clone(), remote, caller).run(socket).await;
                 drop(slot);
             }
         }
@@ -338,7 +465,8 @@ struct Connection {
     st: Arc<GatewayState>,
     remote: SocketAddr,
     client_id: String,
-    authed: bool,
+    /// Who is connected; `None` until an `auth` message succeeds.
+    caller: Option<Caller>,
     topics: TopicSet,
     sub: Option<Subscription>,
     rate: Rate,
@@ -352,13 +480,13 @@ async fn next_delivery(sub: &mut Option<Subscription>) -> Option<Delivery> {
 }
 
 impl Connection {
-    fn new(st: Arc<GatewayState>, remote: SocketAddr, authed: bool) -> Self {
+    fn new(st: Arc<GatewayState>, remote: SocketAddr, caller: Option<Caller>) -> Self {
         let n = st.next_client.fetch_add(1, Ordering::Relaxed);
         Connection {
             client_id: format!("{}-{n}", st.core.hub.node()),
             st,
             remote,
-            authed,
+            caller,
             topics: TopicSet::EMPTY,
             sub: None,
             rate: Rate {
@@ -461,7 +589,10 @@ impl Connection {
         } else if let Some(s) = &mut self.sub {
             s.set_topics(topics);
         } else {
-            self.sub = Some(self.st.core.hub.subscribe(Filter::topics(topics), None, "websocket")?);
+            // The confinement rule: a caller limited to a key prefix sees only its file events.
+            let filter =
+                Filter::topics(topics).limited_to(peervault_runtime::auth::confine::event_prefix(self.caller.as_ref()));
+            self.sub = Some(self.st.core.hub.subscribe(filter, None, "websocket")?);
         }
         Ok(())
     }
@@ -480,7 +611,7 @@ impl Connection {
             }
         };
         m.ws_received.with_label_values(&[msg.kind()]).inc();
-        if !self.authed && !matches!(msg, ClientMessage::Auth(_)) {
+        if self.caller.is_none() && !matches!(msg, ClientMessage::Auth(_)) {
             return self.send_error(socket, &EventsError::AuthRequired("")).await;
         }
         match msg {
@@ -500,22 +631,24 @@ impl Connection {
                 let text = protocol::confirm(kind, t, &self.client_id, &self.topic_names());
                 self.send(socket, text.into()).await
             }
-            ClientMessage::Auth(token) => match &self.st.validator {
-                None => self.send(socket, protocol::authenticated(&self.client_id).into()).await,
-                Some(v) => match v.validate(&token) {
-                    Ok(who) => {
-                        tracing::debug!(remote = %self.remote, identity = %who, "WebSocket client authenticated");
-                        self.authed = true;
-                        self.send(socket, protocol::authenticated(&self.client_id).into()).await
+            ClientMessage::Auth(token) => match self.st.validator.validate(&token).await {
+                Ok(caller) => {
+                    tracing::debug!(remote = %self.remote, identity = %caller.identity, "WebSocket client authenticated");
+                    let prefix = caller.key_prefix.clone();
+                    self.caller = Some(caller);
+                    // A subscription made under another credential follows the new one.
+                    if let Some(s) = &mut self.sub {
+                        s.set_key_prefix(prefix);
                     }
-                    Err(reason) => {
-                        self.st.core.auth_failure(&self.remote.ip().to_string());
-                        let e = EventsError::AuthFailed(reason);
-                        m.ws_rejects.with_label_values(&[e.metric_label()]).inc();
-                        self.send_error(socket, &e).await?;
-                        Err(End::Close(close::POLICY, "AUTH_FAILED"))
-                    }
-                },
+                    self.send(socket, protocol::authenticated(&self.client_id).into()).await
+                }
+                Err(reason) => {
+                    self.st.core.auth_failure(&self.remote.ip().to_string());
+                    let e = EventsError::AuthFailed(reason);
+                    m.ws_rejects.with_label_values(&[e.metric_label()]).inc();
+                    self.send_error(socket, &e).await?;
+                    Err(End::Close(close::POLICY, "AUTH_FAILED"))
+                }
             },
             ClientMessage::Ping => self.send(socket, protocol::pong(&self.client_id).into()).await,
         }
@@ -549,7 +682,7 @@ impl Connection {
     }
 
     async fn run_loop(&mut self, socket: &mut WebSocket, ws: &WsSettings, shutdown: &mut watch::Receiver<bool>) -> End {
-        let welcome = protocol::welcome(&self.client_id, !self.authed);
+        let welcome = protocol::welcome(&self.client_id, self.caller.is_none());
         if let Err(end) = self.send(socket, welcome.into()).await {
             return end;
         }
@@ -559,7 +692,12 @@ impl Connection {
         tokio::pin!(silence);
         let auth_deadline = tokio::time::sleep(ws.read_timeout);
         tokio::pin!(auth_deadline);
+        let mut recheck = tokio::time::interval_at(
+            start + peervault_runtime::auth::REVALIDATE_INTERVAL,
+            peervault_runtime::auth::REVALIDATE_INTERVAL,
+        );
         loop {
+            let watched = self.caller.as_ref().is_some_and(lapses);
             let step = tokio::select! {
                 _ = stopped(shutdown) => return End::Close(close::AWAY, "server shutting down"),
                 msg = socket.recv() => {
@@ -614,7 +752,19 @@ impl Connection {
                     tracing::info!(remote = %self.remote, client = %self.client_id, "WebSocket client silent past the pong wait: closing");
                     Err(End::Close(close::AWAY, "pong timeout"))
                 }
-                _ = &mut auth_deadline, if !self.authed => {
+                _ = recheck.tick(), if watched => {
+                    match self.caller.as_ref().map(|c| self.st.validator.revalidate(c)) {
+                        Some(Err(reason)) => {
+                            let e = EventsError::AuthFailed(reason);
+                            self.st.core.hub.metrics().ws_rejects.with_label_values(&["credential_lapsed"]).inc();
+                            tracing::info!(remote = %self.remote, client = %self.client_id, error = %e, "WebSocket credential revoked or expired: closing");
+                            let _ = self.send_error(socket, &e).await;
+                            Err(End::Close(close::POLICY, "AUTH_FAILED"))
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                _ = &mut auth_deadline, if self.caller.is_none() => {
                     self.st.core.auth_failure(&self.remote.ip().to_string());
                     let e = EventsError::AuthRequired(" (the read timeout passed)");
                     self.st.core.hub.metrics().ws_rejects.with_label_values(&[e.metric_label()]).inc();
@@ -702,7 +852,8 @@ async fn status(State(st): State<Arc<GatewayState>>) -> Json<serde_json::Value> 
         "uptimeSeconds": st.started.elapsed().as_secs(),
         "connections": st.connections.load(Ordering::Relaxed),
         "subscriptions": subs,
-        "authRequired": st.validator.is_some(),
+        "authRequired": !st.ws.allow_anonymous,
+        "maxConnectionsPerAddress": st.ws.max_connections_per_address,
         "lastSequence": hub.last_sequence(),
         "firstAvailableSequence": hub.first_available(),
         "buffered": hub.buffered(),

@@ -1,0 +1,118 @@
+//! Every file-system operation the engine performs, behind one small trait: the real one
+//! ([`OsDisk`]) and, in tests, a simulated disk that records writes, fsyncs, links and renames
+//! and can "lose power" by dropping whatever was not synced (`sim_disk.rs`). The index (redb)
+//! goes through the same disk via redb's `StorageBackend`.
+
+use std::{
+    fs::{self, File},
+    io::{self, Write},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use redb::{Builder, Database, DatabaseError};
+
+/// A file being written.
+pub trait DiskFile: Send {
+    /// Appends `data`.
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Makes what was written durable.
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+/// The file-system operations of the engine.
+pub trait Disk: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Whether `dir` is a directory.
+    fn is_dir(&self, dir: &Path) -> bool;
+    /// Makes a directory's entries durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Creates (or truncates) a file for writing.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>>;
+    /// Reads a whole file.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Makes an existing file's data durable.
+    fn sync_file(&self, path: &Path) -> io::Result<()>;
+    /// Gives `src` the additional name `dst`; fails with `AlreadyExists` if `dst` exists.
+    fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()>;
+    /// Renames `src` to `dst`, replacing it.
+    fn rename(&self, src: &Path, dst: &Path) -> io::Result<()>;
+    /// Removes a name.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// The files in `dir` with their modification times.
+    fn list(&self, dir: &Path) -> io::Result<Vec<(PathBuf, Option<SystemTime>)>>;
+    /// Free bytes on the volume holding `path` (`None`: unknown).
+    fn free_bytes(&self, path: &Path) -> Option<u64>;
+    /// Size of the volume holding `path` (`None`: unknown).
+    fn total_bytes(&self, path: &Path) -> Option<u64>;
+    /// Opens (or creates) the index database at `path`.
+    fn open_index(&self, path: &Path, builder: &Builder) -> Result<Database, DatabaseError>;
+}
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsDisk;
+
+struct OsFile(File);
+
+impl DiskFile for OsFile {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.0.write_all(data)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Disk for OsDisk {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+    fn is_dir(&self, dir: &Path) -> bool {
+        dir.is_dir()
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+    fn create(&self, path: &Path) -> io::Result<Box<dyn DiskFile>> {
+        Ok(Box::new(OsFile(File::create(path)?)))
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+    fn sync_file(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_data()
+    }
+    fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()> {
+        fs::hard_link(src, dst)
+    }
+    fn rename(&self, src: &Path, dst: &Path) -> io::Result<()> {
+        fs::rename(src, dst)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<(PathBuf, Option<SystemTime>)>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            let mtime = e.metadata().and_then(|m| m.modified()).ok();
+            out.push((e.path(), mtime));
+        }
+        Ok(out)
+    }
+    fn free_bytes(&self, path: &Path) -> Option<u64> {
+        rustix::fs::statvfs(path)
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    }
+    fn total_bytes(&self, path: &Path) -> Option<u64> {
+        rustix::fs::statvfs(path)
+            .ok()
+            .map(|s| s.f_blocks.saturating_mul(s.f_frsize))
+    }
+    fn open_index(&self, path: &Path, builder: &Builder) -> Result<Database, DatabaseError> {
+        builder.create(path)
+    }
+}

@@ -1,0 +1,240 @@
+//! Power-loss test: the engine runs a random workload on the simulated disk (`sim_disk.rs`),
+//! the power goes after a random number of disk operations (every later call fails), whatever
+//! was not fsynced is dropped, and the store is opened again: every acknowledged write must be
+//! there and readable, every acknowledged delete gone, and GC afterwards must not lose anything.
+//! `PV_POWER_SEEDS` (default 32) sets how many seeds run; CI runs the default.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use super::{sim_disk::SimDisk, *};
+use crate::store::records::FileRec;
+
+const CHUNK: u32 = 64 * 1024;
+
+fn cfg() -> BlobConfig {
+    BlobConfig {
+        chunk_size: CHUNK,
+        gc_grace: Duration::ZERO,
+        volume_reserve: 0,
+        index_cache: 4 * 1024 * 1024,
+        ..BlobConfig::default()
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Contents the workload draws from (repeats exercise deduplication).
+fn contents() -> Vec<Vec<u8>> {
+    let make = |seed: u8, len: usize| {
+        let mut v = vec![0; len];
+        blake3::Hasher::new().update(&[seed]).finalize_xof().fill(&mut v);
+        v
+    };
+    vec![
+        Vec::new(),
+        make(1, 10),
+        make(2, CHUNK as usize),
+        make(3, CHUNK as usize + 1),
+        make(4, 3 * CHUNK as usize + 77),
+        make(5, 5 * CHUNK as usize),
+    ]
+}
+
+fn open(disk: &SimDisk, fatal: &Arc<AtomicUsize>) -> Result<Store> {
+    let store = Store::open_on(
+        Arc::new(disk.clone()),
+        Path::new("/sim/blob"),
+        cfg(),
+        BlobMetrics::new(None).map_err(|e| BlobError::Unavailable(e.to_string()))?,
+    )?;
+    // A committer panic would exit the process; here it is counted and must never happen.
+    let f = fatal.clone();
+    store.set_hook(Some(Arc::new(move |p: &str| {
+        if p == "committer.fatal" {
+            f.fetch_add(1, Ordering::SeqCst);
+        }
+    })));
+    Ok(store)
+}
+
+async fn put(store: &Store, key: &str, data: &[u8]) -> Result<()> {
+    let mut ing = store.ingest(None)?;
+    for piece in data.chunks(40_000) {
+        ing.write(piece)?;
+    }
+    let (fin, _) = ing.finish()?;
+    let now = now_ns();
+    let rec = FileRec {
+        key: key.into(),
+        name: key.into(),
+        created_ns: now,
+        updated_ns: now,
+        ..Default::default()
+    };
+    store.put_file(rec, fin).await.map(|_| ())
+}
+
+fn read(store: &Store, key: &str) -> Result<Option<Vec<u8>>> {
+    let f = match store.get_file(key) {
+        Ok(f) => f,
+        Err(BlobError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let key: [u8; 32] = f
+        .blob_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| BlobError::Corrupt("blob key".into()))?;
+    let b = store.get_blob(&key)?;
+    let mut out = Vec::new();
+    for (h, &s) in b.chunk_hashes.iter().zip(&b.chunk_sizes) {
+        let h: [u8; 32] = h.as_slice().try_into().map_err(|_| BlobError::Corrupt("hash".into()))?;
+        out.extend_from_slice(&store.read_chunk(&h, s)?);
+    }
+    Ok(Some(out))
+}
+
+/// What a key may hold after the crash: the last acknowledged state, plus whatever
+/// unacknowledged writes came after it.
+type Model = HashMap<String, Vec<Option<Vec<u8>>>>;
+
+fn note(model: &mut Model, key: &str, value: Option<Vec<u8>>, acked: bool) {
+    let e = model.entry(key.to_string()).or_insert_with(|| vec![None]);
+    if acked {
+        *e = vec![value];
+    } else {
+        e.push(value);
+    }
+}
+
+fn check(store: &Store, model: &Model, seed: u64, when: &str) {
+    for (key, allowed) in model {
+        let got = read(store, key).unwrap_or_else(|e| panic!("seed {seed} {when}: reading {key}: {e}"));
+        assert!(
+            allowed.contains(&got),
+            "seed {seed} {when}: {key} holds {:?} bytes, allowed {:?}",
+            got.as_ref().map(|g| g.len()),
+            allowed.iter().map(|a| a.as_ref().map(|v| v.len())).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Runs one seed; returns whether the power went during the workload and the disk ops done.
+async fn run(seed: u64) -> (bool, u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+    let disk = SimDisk::new(seed);
+    let fatal = Arc::new(AtomicUsize::new(0));
+    let store = open(&disk, &fatal).expect("open a new store");
+    let pool = contents();
+    let mut model = Model::new();
+    // The workload takes about 1,200 disk operations; the power goes anywhere in the first
+    // thousand (so almost every seed crashes mid-workload, at a different point).
+    disk.fail_after(1 + rng.below(1000));
+    for _ in 0..40 {
+        match rng.below(6) {
+            0 | 1 => {
+                let key = format!("k{}", rng.below(6));
+                let data = pool[rng.below(pool.len() as u64) as usize].clone();
+                let ok = put(&store, &key, &data).await.is_ok();
+                note(&mut model, &key, Some(data), ok);
+            }
+            2 => {
+                // Several puts at once: one group commit.
+                let jobs: Vec<(String, Vec<u8>)> = (0..3)
+                    .map(|i| {
+                        (
+                            format!("g{}-{i}", rng.below(3)),
+                            pool[rng.below(pool.len() as u64) as usize].clone(),
+                        )
+                    })
+                    .collect();
+                let results = futures_util::future::join_all(jobs.iter().map(|(k, d)| put(&store, k, d))).await;
+                for ((k, d), r) in jobs.into_iter().zip(results) {
+                    note(&mut model, &k, Some(d), r.is_ok());
+                }
+            }
+            3 => {
+                let key = format!("k{}", rng.below(6));
+                match store.delete_file(&key).await {
+                    Ok(_) | Err(BlobError::NotFound(_)) => note(&mut model, &key, None, true),
+                    Err(_) => note(&mut model, &key, None, false),
+                }
+            }
+            4 => {
+                let _ = store.collect_garbage().await;
+            }
+            _ => {
+                let _ = tokio::task::spawn_blocking({
+                    let s = store.clone();
+                    move || s.remove_orphan_chunk_files()
+                })
+                .await;
+            }
+        }
+    }
+    drop(store);
+    let crashed = disk.failed();
+    let ops = disk.ops();
+    disk.power_loss();
+    let store = open(&disk, &fatal).unwrap_or_else(|e| panic!("seed {seed}: reopen after power loss: {e}"));
+    check(&store, &model, seed, "after power loss");
+    // GC and a full orphan sweep must not take anything still referenced.
+    store
+        .collect_garbage()
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: gc: {e}"));
+    for _ in 0..16 {
+        store.remove_orphan_chunk_files().unwrap();
+    }
+    check(&store, &model, seed, "after GC");
+    // And the store still takes writes.
+    put(&store, "after", b"after the crash").await.unwrap();
+    assert_eq!(fatal.load(Ordering::SeqCst), 0, "seed {seed}: the committer panicked");
+    (crashed, ops)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_write_is_lost_on_power_loss() {
+    let seeds: u64 = std::env::var("PV_POWER_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let started = Instant::now();
+    let mut crashed = 0;
+    let mut ops = 0;
+    for seed in 1..=seeds {
+        let (c, n) = run(seed).await;
+        crashed += c as u64;
+        ops += n;
+    }
+    eprintln!(
+        "power-loss test: {seeds} seeds, {crashed} lost power mid-workload, {ops} disk operations, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // Most seeds must really crash inside the workload, or the test proves little.
+    assert!(
+        crashed * 4 >= seeds * 3,
+        "only {crashed} of {seeds} seeds crashed mid-workload"
+    );
+}
