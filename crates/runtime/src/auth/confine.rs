@@ -92,6 +92,7 @@ pub const CONFINEMENT_TABLE: &[(&str, Confinement)] = &[
     ("/peervault.v1.ReplicationService/CommitRecord", Unconfinable),
     ("/peervault.v1.ReplicationService/GetRecord", Unconfinable),
     ("/peervault.v1.ReplicationService/Digests", Unconfinable),
+    ("/peervault.v1.ReplicationService/PutApiKeys", Unconfinable),
 ];
 
 /// The confinement of a path; paths outside the protocol are [`Confinement::Unconfinable`].

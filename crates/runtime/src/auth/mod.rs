@@ -124,6 +124,7 @@ pub const ACCESS_TABLE: &[(&str, Access)] = &[
     ("/peervault.v1.ReplicationService/CommitRecord", Internal),
     ("/peervault.v1.ReplicationService/GetRecord", Internal),
     ("/peervault.v1.ReplicationService/Digests", Internal),
+    ("/peervault.v1.ReplicationService/PutApiKeys", Internal),
 ];
 
 /// The access rule for a path. Paths outside the protocol still need an authenticated caller

@@ -182,14 +182,23 @@ impl Cluster {
     /// verified against its hash. A corrupt or missing local copy on an owner is replaced.
     pub async fn fetch_chunk(&self, key: &str, hash: [u8; 32], size: u32) -> Result<Bytes> {
         let s = self.store().clone();
-        let local = tokio::task::spawn_blocking(move || s.read_chunk(&hash, size))
-            .await
-            .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))?;
+        let layout = self.layout();
+        // A pod that is not an owner looks locally only if it happens to hold the chunk, so a
+        // missing copy it never had is not reported as data loss.
+        let owner = layout.is_solo() || layout.owners(key).iter().any(|o| layout.is_self(o));
+        let local = tokio::task::spawn_blocking(move || {
+            if owner || s.has_chunk(&hash)? {
+                s.read_chunk(&hash, size)
+            } else {
+                Err(BlobError::NotFound(format!("chunk {} is not on this pod", hex(&hash))))
+            }
+        })
+        .await
+        .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))?;
         let local_err = match local {
             Ok(d) => return Ok(d),
             Err(e) => e,
         };
-        let layout = self.layout();
         if layout.is_solo() {
             return Err(local_err);
         }

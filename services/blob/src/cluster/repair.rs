@@ -203,6 +203,15 @@ impl Cluster {
                     continue;
                 }
             };
+            let s = self.store().clone();
+            if let Ok(Ok((records, mine))) = tokio::task::spawn_blocking(move || s.api_key_records()).await
+                && theirs.api_keys.as_ref() != mine
+            {
+                let req = peervault_proto::v1::PutApiKeysRequest { records };
+                if let Err(st) = self.timed(client.put_api_keys(req)).await {
+                    tracing::debug!(peer = %peer, error = %st.message(), "API key exchange failed");
+                }
+            }
             let mut differ = Vec::new();
             for (p, d) in theirs.partitions.iter().zip(&theirs.digests) {
                 if local.get(*p as usize).map(|x| &x[..]) != Some(d.as_ref()) {

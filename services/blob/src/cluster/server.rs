@@ -157,6 +157,41 @@ impl Cluster {
             .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))?
     }
 
+    /// PutApiKeys.
+    pub async fn serve_put_api_keys(&self, records: Vec<Bytes>) -> Result<u32> {
+        let s = self.store().clone();
+        tokio::task::spawn_blocking(move || s.apply_api_keys(&records))
+            .await
+            .map_err(|e| BlobError::Unavailable(format!("key task failed: {e}")))?
+    }
+
+    /// Sends every API key record of this pod to every other member (after a key was created
+    /// or revoked here); anti-entropy compares key tables too, so a pod missed now catches up.
+    pub async fn spread_api_keys(&self) {
+        let s = self.store().clone();
+        let Ok(Ok((records, _))) = tokio::task::spawn_blocking(move || s.api_key_records()).await else {
+            return;
+        };
+        let layout = self.layout();
+        if layout.is_solo() {
+            return;
+        }
+        let calls = layout.peers.keys().filter(|id| !layout.is_self(id)).filter_map(|id| {
+            let mut c = self.client(id)?;
+            let req = peervault_proto::v1::PutApiKeysRequest {
+                records: records.clone(),
+            };
+            let me = self.clone();
+            let id = id.clone();
+            Some(async move {
+                if let Err(st) = me.timed(c.put_api_keys(req)).await {
+                    tracing::debug!(peer = %id, error = %st.message(), "API keys not sent; anti-entropy will");
+                }
+            })
+        });
+        futures_util::future::join_all(calls).await;
+    }
+
     /// Digests of the given partitions (all when empty).
     pub async fn serve_digests(&self, partitions: Vec<u32>) -> Result<(Vec<u32>, Vec<Bytes>)> {
         if partitions.iter().any(|p| *p as usize >= PARTITIONS) {

@@ -21,6 +21,41 @@ use crate::{
     },
 };
 
+/// How long the slower replicas may still answer once enough have: a paused replica (one the
+/// peer service has not yet found down) costs this, not the replication timeout.
+const STRAGGLER_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Runs `calls` concurrently; once `enough(successes)` holds, waits at most
+/// [`STRAGGLER_GRACE`] for the rest (those still running are dropped and count as failed).
+async fn gather<T, E, F>(calls: Vec<F>, enough: impl Fn(usize) -> bool) -> Vec<(String, Result<T, E>)>
+where
+    F: std::future::Future<Output = (String, Result<T, E>)>,
+{
+    use futures_util::StreamExt;
+    let mut pending: futures_util::stream::FuturesUnordered<F> = calls.into_iter().collect();
+    let mut out = Vec::new();
+    let mut ok = 0;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if deadline.is_none() && enough(ok) {
+            deadline = Some(tokio::time::Instant::now() + STRAGGLER_GRACE);
+        }
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, pending.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            },
+            None => pending.next().await,
+        };
+        let Some((id, r)) = next else { break };
+        if r.is_ok() {
+            ok += 1;
+        }
+        out.push((id, r));
+    }
+    out
+}
+
 fn clock_of(h: Option<&peervault_proto::v1::HybridTimestamp>) -> (u64, u32, String) {
     h.map(|h| (h.physical_ms, h.logical, h.node_id.clone()))
         .unwrap_or_default()
@@ -53,6 +88,8 @@ impl Cluster {
         }
         let mut streams = Vec::new();
         for id in layout.owners(key) {
+            // Owners the peer service reports down are still tried: under load a health check
+            // can time out while the pod is fine, and a pod that is really gone fails fast.
             if layout.is_self(&id) {
                 continue;
             }
@@ -256,7 +293,8 @@ impl Cluster {
                     }
                 }
             }
-            for (id, r) in futures_util::future::join_all(calls).await {
+            let have = pending_ok.len();
+            for (id, r) in gather(calls, |n| n + have >= majority(owners.len())).await {
                 match r {
                     Ok(resp) if resp.applied => {
                         pending_ok.insert(id);
@@ -338,7 +376,8 @@ impl Cluster {
                 (id, r)
             });
         }
-        for (id, r) in futures_util::future::join_all(calls).await {
+        let have = committed.len();
+        for (id, r) in gather(calls, |n| n + have >= majority(owners.len())).await {
             match r {
                 Ok(()) => {
                     committed.insert(id);

@@ -184,6 +184,8 @@ impl AuthService for BlobApi {
         let store = self.store.clone();
         let (rec, secret) =
             blocking(move || store.create_api_key(&req.name, scopes, &req.key_prefix, expires_ns, &by)).await?;
+        // Every blob pod verifies every key: the record goes to the others before the answer.
+        self.cluster.spread_api_keys().await;
         Ok(Response::new(CreateApiKeyResponse {
             key: Some(to_proto(&rec)),
             secret,
@@ -209,6 +211,7 @@ impl AuthService for BlobApi {
         }
         let store = self.store.clone();
         let rec = blocking(move || store.revoke_api_key(&id)).await?;
+        self.cluster.spread_api_keys().await;
         Ok(Response::new(RevokeApiKeyResponse {
             key: Some(to_proto(&rec)),
         }))

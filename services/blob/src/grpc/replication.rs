@@ -156,7 +156,27 @@ impl ReplicationService for ReplicationApi {
             .serve_digests(req.into_inner().partitions)
             .await
             .map_err(status)?;
-        let _: &[Bytes] = &digests;
-        Ok(Response::new(DigestsResponse { partitions, digests }))
+        let store = self.cluster.store().clone();
+        let (_, keys) = tokio::task::spawn_blocking(move || store.api_key_records())
+            .await
+            .map_err(|e| Status::internal(format!("key task failed: {e}")))?
+            .map_err(status)?;
+        Ok(Response::new(DigestsResponse {
+            partitions,
+            digests,
+            api_keys: Bytes::copy_from_slice(&keys),
+        }))
+    }
+
+    async fn put_api_keys(
+        &self,
+        req: Request<peervault_proto::v1::PutApiKeysRequest>,
+    ) -> Result<Response<peervault_proto::v1::PutApiKeysResponse>, Status> {
+        let applied = self
+            .cluster
+            .serve_put_api_keys(req.into_inner().records)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(peervault_proto::v1::PutApiKeysResponse { applied }))
     }
 }

@@ -162,6 +162,60 @@ fn digest_leaf(h: &mut blake3::Hasher, r: &FileRecord) {
 }
 
 impl Store {
+    /// Applies API key records from another pod: new ids are added, a revocation is taken over
+    /// (never undone). Returns how many changed the table. Blocking.
+    pub fn apply_api_keys(&self, recs: &[Bytes]) -> Result<u32> {
+        use super::keys::{API_KEY_HASHES, API_KEYS, ApiKeyRec};
+        let decoded: Vec<ApiKeyRec> = recs
+            .iter()
+            .map(|b| decode::<ApiKeyRec>("api key", b).map_err(|e| BlobError::invalid(e.to_string())))
+            .collect::<Result<_>>()?;
+        if decoded.iter().any(|r| r.id.is_empty() || r.secret_hash.len() != 32) {
+            return Err(BlobError::invalid(
+                "an API key record without an id or a 32-byte secret hash",
+            ));
+        }
+        let txn = self.inner.db.begin_write()?;
+        let mut applied = 0;
+        {
+            let mut keys = txn.open_table(API_KEYS)?;
+            let mut hashes = txn.open_table(API_KEY_HASHES)?;
+            for r in decoded {
+                let cur: Option<ApiKeyRec> = match keys.get(r.id.as_str())? {
+                    Some(v) => Some(decode("api key", v.value())?),
+                    None => None,
+                };
+                let take = match &cur {
+                    None => true,
+                    Some(c) => r.revoked && !c.revoked,
+                };
+                if take {
+                    keys.insert(r.id.as_str(), prost::Message::encode_to_vec(&r).as_slice())?;
+                    hashes.insert(r.secret_hash.as_slice(), r.id.as_str())?;
+                    applied += 1;
+                }
+            }
+        }
+        txn.commit()?;
+        if applied > 0 {
+            tracing::info!(applied, "API keys taken over from another pod");
+        }
+        Ok(applied)
+    }
+
+    /// Every API key record, encoded, and a digest over (id, revoked) of them. Blocking.
+    pub fn api_key_records(&self) -> Result<(Vec<Bytes>, [u8; 32])> {
+        let mut h = blake3::Hasher::new();
+        let mut out = Vec::new();
+        for r in self.list_api_keys(true)? {
+            h.update(&(r.id.len() as u64).to_le_bytes());
+            h.update(r.id.as_bytes());
+            h.update(&[r.revoked as u8]);
+            out.push(Bytes::from(prost::Message::encode_to_vec(&r)));
+        }
+        Ok((out, *h.finalize().as_bytes()))
+    }
+
     /// The folder the store lives in.
     pub fn root(&self) -> &std::path::Path {
         &self.inner.root
