@@ -64,6 +64,7 @@ fn generate_index() {
                     metadata,
                     created_ns: 1,
                     updated_ns: 1,
+                    hlc: None,
                 };
                 f.insert(key.as_str(), rec.encode_to_vec().as_slice()).unwrap();
                 let blob = BlobRec {
