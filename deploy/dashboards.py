@@ -240,16 +240,37 @@ def peers():
 
 
 def replication():
-    b = Board("peervault-replication", "PeerVault / Replication", "Placement inputs and data integrity. Queue, under-replication and repair panels are added when the blob service exports peervault_replication_* metrics.")
-    b.text("About this dashboard",
-           "Panels here use only metric names the code exports today (`peervault metrics names`). "
-           "Replication queue, under-replicated partitions and repair progress get panels once the blob "
-           "service exports `peervault_replication_*`.", h=3)
+    b = Board("peervault-replication", "PeerVault / Replication", "Replicas still to be written, data moved between blob pods, repairs, anti-entropy and the placement inputs.")
+    b.row("Backlog")
+    b.panel("Hand-off queue (replicas still to be written)", [(f"sum by (instance) (peervault_replication_handoff_queue_depth{{{SEL}}})", "{{instance}}")], w=8)
+    b.panel("Under-replicated files", [(f"sum by (instance) (peervault_replication_under_replicated{{{SEL}}})", "{{instance}}")], w=8)
+    b.panel("Coordinated writes by outcome", [(f"sum by (result) (rate(peervault_replication_writes_total{{{SEL}}}{R}))", "{{result}}")], unit="reqps", w=8,
+            description="unavailable: no majority; unknown: a timeout after some owners committed.")
+    b.row("Data moved and repairs")
+    b.panel("Bytes sent to other pods by reason", [(f"sum by (reason) (rate(peervault_replication_bytes_sent_total{{{SEL}}}{R}))", "{{reason}}"),
+                                                  (f"sum(rate(peervault_replication_bytes_received_total{{{SEL}}}{R}))", "received")], unit="Bps")
+    b.panel("Repairs", [
+        (f"sum(rate(peervault_replication_read_repairs_total{{{SEL}}}{R}))", "read repairs/s"),
+        (f"sum(rate(peervault_replication_failovers_total{{{SEL}}}{R}))", "chunk failovers/s"),
+        (f"sum(rate(peervault_replication_scrub_repaired_total{{{SEL}}}{R}))", "scrub repairs/s"),
+        (f"sum(rate(peervault_replication_degraded_reads_total{{{SEL}}}{R}))", "degraded reads/s"),
+    ])
+    b.panel("Replica repairs and time spent repairing", [
+        (f"sum(rate(peervault_replication_repair_duration_seconds_count{{{SEL}}}{R}))", "repairs/s"),
+        (f"sum(rate(peervault_replication_repair_duration_seconds_sum{{{SEL}}}{R}))", "repair seconds/s"),
+    ], w=8)
+    b.panel("Anti-entropy digest rounds by result", [(f"sum by (result) (rate(peervault_replication_digest_rounds_total{{{SEL}}}{R}))", "{{result}}")], w=8)
+    b.panel("Clock readings refused (too far ahead)", [(f"sum by (instance) (increase(peervault_replication_clock_refusals_total{{{SEL}}}{R}))", "{{instance}}")], w=8)
+    b.row("Placement")
+    b.panel("Members and replication factor in force", [
+        (f"max by (instance) (peervault_replication_members{{{SEL}}})", "members {{instance}}"),
+        (f"max by (instance) (peervault_replication_factor{{{SEL}}})", "factor {{instance}}"),
+    ], w=8)
     b.panel("Ready members in each blob pod's view (placement input)", [
         (f"min by (instance) (peervault_membership_view_ready{{{SEL}}})", "ready {{instance}}"),
         (f"max by (instance) (peervault_membership_view_size{{{SEL}}})", "members {{instance}}"),
-    ])
-    b.panel("View version skew between blob pods", [(f"max(peervault_membership_view_version{{{SEL}}}) - min(peervault_membership_view_version{{{SEL}}})", "skew")],
+    ], w=8)
+    b.panel("View version skew between blob pods", [(f"max(peervault_membership_view_version{{{SEL}}}) - min(peervault_membership_view_version{{{SEL}}})", "skew")], w=8,
             description="Non-zero for long: some blob pods place data by an older view.")
     b.panel("Integrity failures (repair needed)", [(f"sum by (instance) (increase(peervault_blob_integrity_failures_total{{{SEL}}}{R}))", "{{instance}}")])
     b.panel("Stored bytes per blob pod (balance)", [(f"sum by (instance) (peervault_blob_storage_used_bytes{{{SEL}}})", "{{instance}}")], unit="bytes")

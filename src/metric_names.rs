@@ -8,6 +8,7 @@
 pub const LISTS: &[(&str, &[&str])] = &[
     ("peervault-runtime", peervault_runtime::metrics::names::ALL),
     ("peervault-blob", peervault_blob::metrics::names::ALL),
+    ("blob cluster", peervault_blob::cluster::metrics::names::ALL),
     ("peervault-peer", peervault_peer::metrics::names::ALL),
     ("peervault-events", peervault_events::metrics::names::ALL),
     ("peervault-membership", peervault_membership::names::ALL),

@@ -133,8 +133,8 @@ def test_queries_use_only_exported_metric_names():
 
 
 def test_replication_dashboard_lists_only_names_in_the_code():
-    """Until the blob service exports peervault_replication_*, the replication dashboard uses
-    the membership and integrity metrics that exist; once they exist it must use them."""
+    """The replication dashboard uses only exported names, and every peervault_replication_*
+    name the blob service exports has a panel."""
     known = metric_names()
     b = dashboards()["replication"]
     used = {base_name(i) for _, e in targets(b) for i in metric_identifiers(e)}
