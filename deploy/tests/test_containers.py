@@ -315,14 +315,23 @@ def test_upload_download_list_and_watch_events(cluster):
 def test_an_upload_through_the_containers_is_one_trace_linked_from_the_events_container(cluster, sink):
     f = cluster.work / "traced.bin"
     f.write_bytes(os.urandom(20_000))
-    # The sink is shared by the module's tests: this upload's span is one whose trace was not
-    # seen before the put.
-    with sink.lock:
-        earlier = {s["trace_id"] for s in sink.spans}
     cluster.cli("blob-0", "put", str(f), "traced/one")
+    # The sink is shared by the module's tests, so several uploads may be in it: the check is
+    # that an upload's trace holds its step spans and a replica's span and is linked from the
+    # events container's Publish (every upload of the module should satisfy it).
+    def complete(trace):
+        spans = sink.spans  # called by find, which holds the sink's lock
+        in_trace = [s for s in spans if s["trace_id"] == trace]
+        steps = all(any(s["service"] == "peervault-blob" and s["name"].startswith(step) for s in in_trace)
+                    for step in ("chunk_write", "finish"))
+        replica = any(s["kind"] == 2 and s["name"].startswith("peervault.v1.ReplicationService/") for s in in_trace)
+        linked = any(s["service"] == "peervault-events" and s["name"] == "peervault.v1.EventService/Publish"
+                     and any(l["trace_id"] == trace for l in s["links"]) for s in spans)
+        return steps and replica and linked
     upload = sink.find(lambda s: s["service"] == "peervault-blob" and s["kind"] == 2
-                       and s["name"] == "peervault.v1.FileService/UploadFile"
-                       and s["trace_id"] not in earlier, "blob's UploadFile span")
+                       and s["name"] == "peervault.v1.FileService/UploadFile" and complete(s["trace_id"]),
+                       "an UploadFile span whose trace has its steps and a replica's span and is linked from Publish",
+                       timeout=60)
     trace = upload["trace_id"]
     for step in ("chunk_write", "finish"):
         sink.find(lambda s: s["trace_id"] == trace and s["service"] == "peervault-blob" and s["name"].startswith(step),
@@ -335,6 +344,12 @@ def test_an_upload_through_the_containers_is_one_trace_linked_from_the_events_co
     producer = sink.find(lambda s: s["span_id"] == client["parent_span_id"], "blob's events.publish span")
     assert (producer["service"], producer["name"], producer["kind"]) == ("peervault-blob", "events.publish", 4)
     assert any(l["trace_id"] == trace for l in producer["links"])
+    # The upload is one trace across blob and its replicas: the replicas' ReplicationService
+    # server spans (they run only on the receiving pods) carry the upload's trace id.
+    replica = sink.find(lambda s: s["trace_id"] == trace and s["kind"] == 2
+                        and s["name"].startswith("peervault.v1.ReplicationService/"),
+                        "a replica's ReplicationService span in the upload's trace")
+    assert replica["service"] == "peervault-blob"
     # Probes of the three blob containers by the peer container are not traced.
     probes = [s for s in sink.spans if "grpc.health.v1.Health" in s["name"] or s["name"] == "peer_probe"]
     assert not probes, probes[:3]

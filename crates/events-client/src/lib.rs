@@ -426,8 +426,10 @@ async fn sender(
         let mut req = tonic::Request::new(PublishRequest { events: batch.clone() });
         req.set_timeout(Duration::from_secs(5));
         // A batch is a trace of its own (events of many requests travel together), linked to
-        // the span of every event it carries.
-        let span = tracing::info_span!("events.publish", otel.kind = "producer", endpoint = %endpoint, events = batch.len(), links = tracing::field::Empty);
+        // the span of every event it carries. `parent: None` makes it a root even when the
+        // worker thread still has a request's OpenTelemetry context attached (a contextual
+        // root span would take that context as its parent).
+        let span = tracing::info_span!(parent: None, "events.publish", otel.kind = "producer", endpoint = %endpoint, events = batch.len(), links = tracing::field::Empty);
         let links =
             peervault_runtime::telemetry::link_traceparents(&span, batch.iter().map(|e| e.traceparent.as_str()));
         span.record("links", links);
