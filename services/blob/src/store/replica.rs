@@ -477,6 +477,17 @@ impl Store {
         let mut ti = tombs.range(start..)?.peekable();
         let mut out = Vec::new();
         let wanted = |k: &str| partitions.is_empty() || partitions.contains(&key_partition(k));
+        // One rule for both tables: past the prefix ends the listing; the page's start key and
+        // keys of other partitions are skipped.
+        let step = |key: &str| {
+            if !key.starts_with(prefix) {
+                Step::End
+            } else if key == start_after || !wanted(key) {
+                Step::Skip
+            } else {
+                Step::Take
+            }
+        };
         while out.len() < limit {
             if matches!(fi.peek(), Some(Err(_)))
                 && let Some(Err(e)) = fi.next()
@@ -503,16 +514,13 @@ impl Store {
                 (Some(a), Some(b)) => a <= b,
             };
             let rec = if take_file {
-                let Some(Ok((k, v))) = fi.next() else { break };
+                let Some(item) = fi.next() else { break };
+                let (k, v) = item?;
                 let key = k.value().to_string();
-                if key.as_str() == start_after || !wanted(&key) {
-                    if !key.starts_with(prefix) {
-                        break;
-                    }
-                    continue;
-                }
-                if !key.starts_with(prefix) {
-                    break;
+                match step(&key) {
+                    Step::End => break,
+                    Step::Skip => continue,
+                    Step::Take => {}
                 }
                 let f: FileRec = decode("file", v.value())?;
                 let b: BlobRec = match blobs.get(f.blob_key.as_slice())? {
@@ -529,16 +537,13 @@ impl Store {
                 }
                 live_record(&f, &b, data)
             } else {
-                let Some(Ok((k, v))) = ti.next() else { break };
+                let Some(item) = ti.next() else { break };
+                let (k, v) = item?;
                 let key = k.value().to_string();
-                if key.as_str() == start_after || !wanted(&key) {
-                    if !key.starts_with(prefix) {
-                        break;
-                    }
-                    continue;
-                }
-                if !key.starts_with(prefix) {
-                    break;
+                match step(&key) {
+                    Step::End => break,
+                    Step::Skip => continue,
+                    Step::Take => {}
                 }
                 let t: Tombstone = decode("tombstone", v.value())?;
                 tombstone_record(&key, &t)
@@ -586,4 +591,14 @@ impl Store {
         }
         Ok(hashers.into_iter().map(|h| *h.finalize().as_bytes()).collect())
     }
+}
+
+/// What a listing does with the next key of a table.
+enum Step {
+    /// Past the prefix: the listing ends.
+    End,
+    /// Not wanted (the page's start key, another partition).
+    Skip,
+    /// Part of the listing.
+    Take,
 }
