@@ -259,7 +259,14 @@ async fn small_ops(ch: &Channel, ops: usize, concurrency: usize, get: bool) -> (
                 let key = format!("small/{i:08}");
                 let t0 = Instant::now();
                 if get {
-                    let mut s = c.download_file(FileRequest { key }).await.expect("get").into_inner();
+                    let mut s = c
+                        .download_file(FileRequest {
+                            key,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("get")
+                        .into_inner();
                     let mut n = 0;
                     while let Some(m) = s.message().await.expect("get stream") {
                         n += m.data.len();
@@ -352,6 +359,7 @@ async fn main() {
     let mut s = FileServiceClient::new(ch.clone())
         .download_file(FileRequest {
             key: "bench/big".into(),
+            ..Default::default()
         })
         .await
         .expect("download")

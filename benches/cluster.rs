@@ -201,7 +201,14 @@ async fn small_ops(chans: &[Channel], ops: usize, get: bool) -> (f64, f64, f64) 
                 let key = format!("small/{i:08}");
                 let t0 = Instant::now();
                 if get {
-                    let mut s = c.download_file(FileRequest { key }).await.expect("get").into_inner();
+                    let mut s = c
+                        .download_file(FileRequest {
+                            key,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("get")
+                        .into_inner();
                     let mut n = 0;
                     while let Some(m) = s.message().await.expect("get stream") {
                         n += m.data.len();

@@ -120,12 +120,18 @@ async fn api_keys_work_for_their_scope_and_revocation_survives_restart() {
     // Read key: reads through Bearer and x-api-key; refused for writes and admin calls.
     let r = bearer(&node, &reader).await;
     FileServiceClient::new(r.clone())
-        .get_file(FileRequest { key: "docs/a".into() })
+        .get_file(FileRequest {
+            key: "docs/a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let x = with_header(&node, "x-api-key", reader.clone()).await;
     FileServiceClient::new(x)
-        .get_file(FileRequest { key: "docs/a".into() })
+        .get_file(FileRequest {
+            key: "docs/a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let st = put(r.clone(), &admin, "docs/new").await.unwrap_err();
@@ -152,7 +158,10 @@ async fn api_keys_work_for_their_scope_and_revocation_survives_restart() {
     );
     assert_eq!(list.files.len(), 2);
     let st = FileServiceClient::new(s.clone())
-        .get_file(FileRequest { key: "other/b".into() })
+        .get_file(FileRequest {
+            key: "other/b".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied);
@@ -174,7 +183,10 @@ async fn api_keys_work_for_their_scope_and_revocation_survives_restart() {
         .await
         .unwrap();
     let st = FileServiceClient::new(r)
-        .get_file(FileRequest { key: "docs/a".into() })
+        .get_file(FileRequest {
+            key: "docs/a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated);
@@ -183,12 +195,18 @@ async fn api_keys_work_for_their_scope_and_revocation_survives_restart() {
     drop(node);
     let node = optional_node(&dir, &[]);
     let st = FileServiceClient::new(bearer(&node, &reader).await)
-        .get_file(FileRequest { key: "docs/a".into() })
+        .get_file(FileRequest {
+            key: "docs/a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated);
     FileServiceClient::new(bearer(&node, &writer).await)
-        .get_file(FileRequest { key: "docs/a".into() })
+        .get_file(FileRequest {
+            key: "docs/a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     node.wait_metric("peervault_auth_failures_total", &["revoked_key"], |v| v >= 1.0);

@@ -74,14 +74,24 @@ async fn upload_msgs(ch: &Channel, msgs: Vec<FileChunk>) -> Result<peervault_pro
 }
 
 async fn download(ch: &Channel, key: &str) -> Result<Vec<u8>, Status> {
+    download_from(ch, key, 0, "").await
+}
+
+/// DownloadFile from byte `offset`, expecting content `hash` (empty: any); checks offsets,
+/// per-chunk checksums and the closing `is_last`.
+async fn download_from(ch: &Channel, key: &str, offset: i64, hash: &str) -> Result<Vec<u8>, Status> {
     let mut s = FileServiceClient::new(ch.clone())
-        .download_file(FileRequest { key: key.into() })
+        .download_file(FileRequest {
+            key: key.into(),
+            offset,
+            expected_hash: hash.into(),
+        })
         .await?
         .into_inner();
     let mut out = Vec::new();
     let mut saw_last = false;
     while let Some(m) = s.message().await? {
-        assert_eq!(m.offset as usize, out.len(), "offsets must be contiguous");
+        assert_eq!(m.offset, offset + out.len() as i64, "offsets must be contiguous");
         assert!(!saw_last, "message after is_last");
         if !m.checksum.is_empty() {
             assert_eq!(m.checksum, blake3::hash(&m.data).to_hex().to_string());
@@ -184,7 +194,10 @@ async fn files_round_trip_at_every_size_boundary() {
         // A file's hash is a blob key that GetBlob serves.
         assert_eq!(get_blob(&ch, r.hash.as_bytes(), None).await.unwrap(), content);
         let got = FileServiceClient::new(ch.clone())
-            .get_file(FileRequest { key: key.clone() })
+            .get_file(FileRequest {
+                key: key.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -195,6 +208,7 @@ async fn files_round_trip_at_every_size_boundary() {
     let pv = PeerVaultServiceClient::new(ch.clone())
         .get_file(FileRequest {
             key: "dir/file-1.bin".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -263,6 +277,52 @@ async fn ranged_blob_reads_at_boundaries() {
     assert_eq!(meta.content_type, "application/x-test");
 }
 
+/// A download that continues (issue 11, defect 5): DownloadFile from an offset inside a chunk,
+/// at a chunk boundary and at the end, for chunked and small inline files; a negative offset, one
+/// past the end and content that changed are refused and leave the file as it was.
+#[tokio::test]
+async fn download_file_continues_from_an_offset_and_refuses_bad_offsets_and_replaced_content() {
+    let node = small_chunk_node();
+    let ch = node.channel().await;
+    let c = SMALL_CHUNK as i64;
+    let big = data(11, 3 * SMALL_CHUNK + 100);
+    let small = b"small inline content".to_vec();
+    let big_hash = upload(&ch, "dl/big", &big).await.unwrap().hash;
+    let small_hash = upload(&ch, "dl/small", &small).await.unwrap().hash;
+    let len = big.len() as i64;
+    for offset in [0, 1, c - 1, c, c + 5, 2 * c, len - 1, len] {
+        let got = download_from(&ch, "dl/big", offset, &big_hash).await.unwrap();
+        assert!(got == big[offset as usize..], "offset {offset}");
+        // The hash is optional and case-insensitive.
+        let got = download_from(&ch, "dl/big", offset, &big_hash.to_uppercase())
+            .await
+            .unwrap();
+        assert!(got == big[offset as usize..], "offset {offset}");
+    }
+    for offset in [0, 5, small.len() as i64] {
+        let got = download_from(&ch, "dl/small", offset, "").await.unwrap();
+        assert_eq!(got, small[offset as usize..], "offset {offset}");
+    }
+    let st = download_from(&ch, "dl/big", len + 1, "").await.unwrap_err();
+    assert_eq!(st.code(), Code::OutOfRange, "{st:?}");
+    assert!(st.message().contains("past the end"), "{st:?}");
+    let st = download_from(&ch, "dl/small", small.len() as i64 + 1, "")
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::OutOfRange, "{st:?}");
+    let st = download_from(&ch, "dl/big", -1, "").await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    // A resumed download of a file replaced meanwhile fails fast instead of splicing versions.
+    let st = download_from(&ch, "dl/big", c, &small_hash).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("replaced"), "{st:?}");
+    let st = download_from(&ch, "dl/missing", 0, "").await.unwrap_err();
+    assert_eq!(st.code(), Code::NotFound, "{st:?}");
+    // Nothing refused changed what is stored.
+    assert!(download(&ch, "dl/big").await.unwrap() == big);
+    assert_eq!(download(&ch, "dl/small").await.unwrap(), small);
+}
+
 #[tokio::test]
 async fn equal_content_under_two_keys_is_one_copy_on_disk() {
     let node = small_chunk_node();
@@ -286,7 +346,10 @@ async fn equal_content_under_two_keys_is_one_copy_on_disk() {
         .unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition);
     FileServiceClient::new(ch.clone())
-        .delete_file(FileRequest { key: "a".into() })
+        .delete_file(FileRequest {
+            key: "a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(download(&ch, "b").await.unwrap(), content);
@@ -781,17 +844,23 @@ async fn bad_input_gets_its_status_and_changes_nothing() {
     // Unknown keys.
     let mut fc = FileServiceClient::new(ch.clone());
     assert_eq!(
-        fc.get_file(FileRequest { key: "nope".into() })
-            .await
-            .unwrap_err()
-            .code(),
+        fc.get_file(FileRequest {
+            key: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .code(),
         Code::NotFound
     );
     assert_eq!(
-        fc.delete_file(FileRequest { key: "nope".into() })
-            .await
-            .unwrap_err()
-            .code(),
+        fc.delete_file(FileRequest {
+            key: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .code(),
         Code::NotFound
     );
     assert_eq!(download(&ch, "nope").await.unwrap_err().code(), Code::NotFound);

@@ -72,7 +72,10 @@ async fn put(ch: &Channel, key: &str, content: Vec<u8>) -> Result<(), tonic::Sta
 
 async fn get(ch: &Channel, key: &str) -> Vec<u8> {
     let mut s = FileServiceClient::new(ch.clone())
-        .download_file(FileRequest { key: key.into() })
+        .download_file(FileRequest {
+            key: key.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -124,7 +127,10 @@ async fn a_full_volume_is_resource_exhausted_and_recovers_after_deletes() {
     // Deletes commit on the full volume and GC gives the space back.
     for &i in stored.iter().take(6) {
         FileServiceClient::new(ch.clone())
-            .delete_file(FileRequest { key: format!("f/{i}") })
+            .delete_file(FileRequest {
+                key: format!("f/{i}"),
+                ..Default::default()
+            })
             .await
             .unwrap();
     }

@@ -209,7 +209,13 @@ async fn upload(c: &mut FileServiceClient<Channel>, key: &str, data: &[u8]) -> R
 }
 
 async fn download(c: &mut FileServiceClient<Channel>, key: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut s = c.download_file(FileRequest { key: key.into() }).await?.into_inner();
+    let mut s = c
+        .download_file(FileRequest {
+            key: key.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
     let mut out = Vec::new();
     while let Some(m) = s.message().await? {
         assert_eq!(m.offset as usize, out.len());
@@ -299,7 +305,10 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
         assert_eq!(download(&mut c, "docs/big").await.unwrap(), big, "pod {i}");
         assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/small"], "pod {i}");
         let g = c
-            .get_file(FileRequest { key: "docs/big".into() })
+            .get_file(FileRequest {
+                key: "docs/big".into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -337,6 +346,7 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
     // Deleting works with one pod down too; the pod that missed it must not bring it back.
     c1.delete_file(FileRequest {
         key: "docs/small".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -366,7 +376,13 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
     for i in 0..3 {
         let mut c = cl.files(i).await;
         for k in ["docs/no-majority", "docs/no-majority-small", "docs/small"] {
-            let e = c.get_file(FileRequest { key: k.into() }).await.unwrap_err();
+            let e = c
+                .get_file(FileRequest {
+                    key: k.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
             assert_eq!(e.code(), Code::NotFound, "pod {i} {k}");
         }
         assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/while-down"], "pod {i}");
@@ -553,7 +569,8 @@ async fn replication_calls_need_a_service_identity_and_refuse_bad_input() {
     assert_eq!(
         files
             .get_file(FileRequest {
-                key: "ok/pending".into()
+                key: "ok/pending".into(),
+                ..Default::default()
             })
             .await
             .unwrap_err()
@@ -840,9 +857,14 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
                     let r = tokio::time::timeout(Duration::from_secs(5), upload(&mut c, &key, &data)).await;
                     (Some(hash), matches!(r, Ok(Ok(_))))
                 } else {
-                    let r =
-                        tokio::time::timeout(Duration::from_secs(5), c.delete_file(FileRequest { key: key.clone() }))
-                            .await;
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        c.delete_file(FileRequest {
+                            key: key.clone(),
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
                     match r {
                         Ok(Ok(_)) => (None, true),
                         // Nothing to delete: the key is absent, which is what was asked.

@@ -320,7 +320,10 @@ async fn a_forged_caller_header_is_refused_and_only_services_may_forward() {
         .await
         .unwrap();
     let st = FileServiceClient::new(headers(anon, &h()))
-        .get_file(FileRequest { key: "a/x".into() })
+        .get_file(FileRequest {
+            key: "a/x".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
@@ -332,7 +335,10 @@ async fn a_forged_caller_header_is_refused_and_only_services_may_forward() {
     let mut with_both = h();
     with_both.push(("authorization", format!("Bearer {key}")));
     let st = FileServiceClient::new(headers(ch, &with_both))
-        .get_file(FileRequest { key: "b/y".into() })
+        .get_file(FileRequest {
+            key: "b/y".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
@@ -354,11 +360,17 @@ async fn a_forged_caller_header_is_refused_and_only_services_may_forward() {
     .to_string();
     let svc = headers(node.service_channel().await, &[("x-peervault-caller", limited)]);
     FileServiceClient::new(svc.clone())
-        .get_file(FileRequest { key: "a/x".into() })
+        .get_file(FileRequest {
+            key: "a/x".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let st = FileServiceClient::new(svc)
-        .get_file(FileRequest { key: "b/y".into() })
+        .get_file(FileRequest {
+            key: "b/y".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");

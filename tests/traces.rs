@@ -150,7 +150,10 @@ async fn an_uploads_event_links_its_publish_spans_to_the_upload_and_probes_are_n
 
     // Downloads and deletes are traced too.
     let mut dl = FileServiceClient::new(ch.clone())
-        .download_file(FileRequest { key: "traced".into() })
+        .download_file(FileRequest {
+            key: "traced".into(),
+            ..Default::default()
+        })
         .await
         .expect("download")
         .into_inner();
@@ -160,7 +163,10 @@ async fn an_uploads_event_links_its_publish_spans_to_the_upload_and_probes_are_n
     }
     assert_eq!(got, content);
     FileServiceClient::new(ch.clone())
-        .delete_file(FileRequest { key: "traced".into() })
+        .delete_file(FileRequest {
+            key: "traced".into(),
+            ..Default::default()
+        })
         .await
         .expect("delete");
     wait_for(&receiver, "DownloadFile and DeleteFile server spans", |s| {
@@ -180,7 +186,10 @@ async fn an_uploads_event_links_its_publish_spans_to_the_upload_and_probes_are_n
     node.wait_metric("peervault_peer_probes_total", &[], |v| v >= 5.0);
     // A span exported after the probes proves the exporter flushed past them.
     FileServiceClient::new(ch.clone())
-        .get_file(FileRequest { key: "traced".into() })
+        .get_file(FileRequest {
+            key: "traced".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("deleted");
     wait_for(&receiver, "GetFile after the probes", |s| {

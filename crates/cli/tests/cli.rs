@@ -654,6 +654,17 @@ impl Server {
 
 #[test]
 fn a_download_continues_from_where_it_was_across_a_server_restart() {
+    download_across_a_restart(false);
+}
+
+/// Issue 11, defect 5: a caller whose API key is limited to a key prefix resumes too (the
+/// client continues through DownloadFile, which such a key may call, not GetBlob).
+#[test]
+fn a_prefix_limited_key_continues_a_download_across_a_server_restart() {
+    download_across_a_restart(true);
+}
+
+fn download_across_a_restart(prefix_limited_key: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let port = {
@@ -661,15 +672,30 @@ fn a_download_continues_from_where_it_was_across_a_server_restart() {
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let mut s = Server::start_at(&dir, &addr);
+    let extra: &[&str] = if prefix_limited_key {
+        &["--tls-client-auth", "optional"]
+    } else {
+        &[]
+    };
+    let mut s = Server::start_full(&dir, &addr, extra);
     let file = tmp.path().join("f.bin");
     let content = data(4, 32 * 1024 * 1024);
     std::fs::write(&file, &content).unwrap();
-    ok(s.pvault(), &["put", file.to_str().unwrap(), "dl"]);
+    ok(s.pvault(), &["put", file.to_str().unwrap(), "dl/f"]);
+    let mut cli = s.pvault();
+    if prefix_limited_key {
+        let secret = ok(
+            s.pvault(),
+            &["keys", "create", "dl-only", "--scope", "read", "--prefix", "dl/"],
+        );
+        // No client certificate: only the CA to trust the server, and the limited token.
+        cli.env("PEERVAULT_TLS_DIR", tmp.path().join("empty"))
+            .env("PEERVAULT_CA", s.tls_dir().join("ca.crt"))
+            .env("PEERVAULT_TOKEN", secret.trim());
+    }
     // The test reads stdout slowly, so the download is held back by flow control.
-    let mut child = s
-        .pvault()
-        .args(["get", "dl", "-", "--retries", "30", "-v"])
+    let mut child = cli
+        .args(["get", "dl/f", "-", "--retries", "30", "-v"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -693,7 +719,7 @@ fn a_download_continues_from_where_it_was_across_a_server_restart() {
     });
     let mut seen = Vec::new();
     wait_line(&erx, &mut seen, |l| l.contains("retry"));
-    let _s = Server::start_at(&dir, &addr);
+    let _s = Server::start_full(&dir, &addr, extra);
     let status = wait_exit(&mut child);
     let mut got = first;
     got.extend(reader.join().unwrap());

@@ -464,7 +464,13 @@ impl Client {
     pub async fn stat(&self, key: &str) -> Result<FileResponse, Error> {
         self.unary("GetFile", || {
             let mut c = self.files();
-            let req = self.request(FileRequest { key: key.to_string() }, true);
+            let req = self.request(
+                FileRequest {
+                    key: key.to_string(),
+                    ..Default::default()
+                },
+                true,
+            );
             async move { c.get_file(req).await.map(|r| r.into_inner()) }
         })
         .await
@@ -474,7 +480,13 @@ impl Client {
     pub async fn delete(&self, key: &str) -> Result<DeleteFileResponse, Error> {
         self.unary("DeleteFile", || {
             let mut c = self.files();
-            let req = self.request(FileRequest { key: key.to_string() }, true);
+            let req = self.request(
+                FileRequest {
+                    key: key.to_string(),
+                    ..Default::default()
+                },
+                true,
+            );
             async move { c.delete_file(req).await.map(|r| r.into_inner()) }
         })
         .await

@@ -470,8 +470,9 @@ impl Client {
     }
 
     /// Downloads a file into any writer, checking each chunk's and the whole file's BLAKE3
-    /// hash. After a retryable failure it continues from the byte it reached (reading the
-    /// file's blob by range), so a restarted server costs no repeated transfer.
+    /// hash. After a retryable failure it continues from the byte it reached (DownloadFile
+    /// from an offset, for the content it started with), so a restarted server costs no
+    /// repeated transfer.
     pub async fn get_file<W: AsyncWrite + Unpin>(
         &self,
         key: &str,
@@ -479,11 +480,6 @@ impl Client {
         progress: Option<Progress>,
     ) -> Result<Download, Error> {
         let info = self.stat(key).await?;
-        let blob_key: Vec<u8> = if info.blob_key.is_empty() {
-            info.hash.as_bytes().to_vec()
-        } else {
-            info.blob_key.to_vec()
-        };
         let policy = &self.config().retry;
         let idle = self.config().stream_idle_timeout;
         let mut written = 0u64;
@@ -493,51 +489,35 @@ impl Client {
         loop {
             let before = written;
             let r: Result<(), Error> = async {
-                if written == 0 {
-                    let mut s = self
-                        .files()
-                        .download_file(self.request(FileRequest { key: key.to_string() }, false))
-                        .await
-                        .map_err(Error::Status)?
-                        .into_inner();
-                    while let Some(m) = next_msg(&mut s, idle).await.map_err(Error::Status)? {
-                        if m.offset as u64 != written {
-                            return Err(Error::Protocol(format!(
-                                "chunk at offset {} but {written} bytes were received",
-                                m.offset
-                            )));
-                        }
-                        if !m.checksum.is_empty() && blake3::hash(&m.data).to_hex().as_str() != m.checksum {
-                            return Err(Error::Integrity(format!(
-                                "the chunk at offset {} does not match its checksum",
-                                m.offset
-                            )));
-                        }
-                        write(&mut writer, &m.data, &mut hasher, &mut written, &progress).await?;
+                // Every attempt continues at the byte reached and insists on the content the
+                // stat saw, so a file replaced meanwhile fails fast instead of splicing two
+                // versions. Through DownloadFile (not GetBlob by content key) a
+                // key-prefix-limited caller can resume too.
+                let req = FileRequest {
+                    key: key.to_string(),
+                    offset: written as i64,
+                    expected_hash: info.hash.clone(),
+                };
+                let mut s = self
+                    .files()
+                    .download_file(self.request(req, false))
+                    .await
+                    .map_err(Error::Status)?
+                    .into_inner();
+                while let Some(m) = next_msg(&mut s, idle).await.map_err(Error::Status)? {
+                    if m.offset as u64 != written {
+                        return Err(Error::Protocol(format!(
+                            "chunk at offset {} but {written} bytes were received",
+                            m.offset
+                        )));
                     }
-                } else {
-                    let req = GetBlobRequest {
-                        key: Bytes::from(blob_key.clone()),
-                        range: Some(ByteRange {
-                            start: written as i64,
-                            end: None,
-                        }),
-                    };
-                    let mut s = self
-                        .blobs()
-                        .get_blob(self.request(req, false))
-                        .await
-                        .map_err(Error::Status)?
-                        .into_inner();
-                    while let Some(m) = next_msg(&mut s, idle).await.map_err(Error::Status)? {
-                        if m.offset as u64 != written {
-                            return Err(Error::Protocol(format!(
-                                "chunk at offset {} but {written} bytes were received",
-                                m.offset
-                            )));
-                        }
-                        write(&mut writer, &m.data, &mut hasher, &mut written, &progress).await?;
+                    if !m.checksum.is_empty() && blake3::hash(&m.data).to_hex().as_str() != m.checksum {
+                        return Err(Error::Integrity(format!(
+                            "the chunk at offset {} does not match its checksum",
+                            m.offset
+                        )));
                     }
+                    write(&mut writer, &m.data, &mut hasher, &mut written, &progress).await?;
                 }
                 Ok(())
             }

@@ -122,9 +122,7 @@ impl PeerVaultService for PeerVaultApi {
     async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
         let limit = key_limit(&req);
         Ok(Response::new(
-            self.files
-                .download_file_stream(&req.into_inner().key, limit.as_deref())
-                .await?,
+            self.files.download_file_stream(req.get_ref(), limit.as_deref()).await?,
         ))
     }
 

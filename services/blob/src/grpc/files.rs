@@ -254,75 +254,57 @@ impl BlobApi {
         Ok(self.file_response_with(&stored, &replicas))
     }
 
-    /// DownloadFile: the content as a stream of chunks with offsets, the last flagged.
-    pub async fn download_file_stream(&self, key: &str, limit: Option<&str>) -> Result<BoxStream<FileChunk>, Status> {
+    /// DownloadFile: the content from `req.offset` on as a stream of chunks with offsets, the
+    /// last flagged; refused when `req.expected_hash` names other content.
+    pub async fn download_file_stream(
+        &self,
+        req: &FileRequest,
+        limit: Option<&str>,
+    ) -> Result<BoxStream<FileChunk>, Status> {
+        let key = req.key.as_str();
         validate::file_key(key).map_err(status)?;
         check_key(limit, key)?;
+        let want = DownloadFrom::of(req).map_err(status)?;
         if !self.cluster.is_solo() {
-            return self.download_replicated(key).await;
+            return self.download_replicated(key, &want).await;
         }
         let (f, blob, small) = self.store.get_small_file(key).map_err(status)?;
+        let start = want.check(&f.blob_key, blob.size).map_err(status)?;
         if let Some(data) = small {
             // Small objects come out of the index in one message: no task, no queue.
-            let hash = hex(&f.blob_key);
-            let msg = FileChunk {
-                file_key: f.key,
-                data,
-                offset: 0,
-                is_last: true,
-                checksum: hash,
-                ..Default::default()
-            };
-            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+            return Ok(one_message(&f.key, &f.blob_key, data, start));
         }
-        if blob.size == 0 {
-            let msg = FileChunk {
-                file_key: f.key,
-                is_last: true,
-                ..Default::default()
-            };
-            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        if blob.size == 0 || start == blob.size {
+            return Ok(one_message(&f.key, &f.blob_key, Bytes::new(), start));
         }
         let key = f.key;
-        Ok(stream_range(&self.store, blob.clone(), 0, blob.size, move |p| {
-            FileChunk {
-                file_key: key.clone(),
-                data: p.data,
-                offset: p.offset as i64,
-                is_last: p.last,
-                checksum: p.whole_chunk.map(|h| hex(&h)).unwrap_or_default(),
-                ..Default::default()
-            }
+        let size = blob.size;
+        Ok(stream_range(&self.store, blob, start, size, move |p| FileChunk {
+            file_key: key.clone(),
+            data: p.data,
+            offset: p.offset as i64,
+            is_last: p.last,
+            checksum: p.whole_chunk.map(|h| hex(&h)).unwrap_or_default(),
+            ..Default::default()
         }))
     }
 
     /// DownloadFile when there are other members: the newest record from a majority, content
     /// local-first with failover.
-    async fn download_replicated(&self, key: &str) -> Result<BoxStream<FileChunk>, Status> {
+    async fn download_replicated(&self, key: &str, want: &DownloadFrom<'_>) -> Result<BoxStream<FileChunk>, Status> {
         let (rec, small) = self.cluster.open_download(key).await.map_err(status)?;
-        if let Some(data) = small.filter(|d| d.len() as i64 == rec.size) {
-            let msg = FileChunk {
-                file_key: rec.key,
-                data,
-                offset: 0,
-                is_last: true,
-                checksum: hex(&rec.blob_key),
-                ..Default::default()
-            };
-            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        let size = rec.size.max(0) as u64;
+        let start = want.check(&rec.blob_key, size).map_err(status)?;
+        if let Some(data) = small.filter(|d| d.len() as u64 == size) {
+            return Ok(one_message(&rec.key, &rec.blob_key, data, start));
         }
-        if rec.size == 0 {
-            let msg = FileChunk {
-                file_key: rec.key,
-                is_last: true,
-                ..Default::default()
-            };
-            return Ok(Box::pin(tokio_stream::once(Ok(msg))));
+        if size == 0 || start == size {
+            return Ok(one_message(&rec.key, &rec.blob_key, Bytes::new(), start));
         }
         let key = rec.key.clone();
         Ok(self
             .cluster
-            .stream_content(rec, move |offset, data, last, whole| FileChunk {
+            .stream_content(rec, start, move |offset, data, last, whole| FileChunk {
                 file_key: key.clone(),
                 data,
                 offset: offset as i64,
@@ -560,8 +542,7 @@ impl FileService for BlobApi {
     async fn download_file(&self, req: Request<FileRequest>) -> Result<Response<BoxStream<FileChunk>>, Status> {
         let limit = key_limit(&req);
         Ok(Response::new(
-            self.download_file_stream(&req.into_inner().key, limit.as_deref())
-                .await?,
+            self.download_file_stream(req.get_ref(), limit.as_deref()).await?,
         ))
     }
 
@@ -591,6 +572,62 @@ impl FileService for BlobApi {
             self.update_metadata(req.into_inner(), limit.as_deref()).await?,
         ))
     }
+}
+
+/// Where a DownloadFile starts and which content it expects (`FileRequest.offset` and
+/// `FileRequest.expected_hash`), checked against the file once its record is read.
+pub(crate) struct DownloadFrom<'a> {
+    offset: u64,
+    expected_hash: &'a str,
+}
+
+impl<'a> DownloadFrom<'a> {
+    /// Reads the request's start and expected hash; a negative offset is refused.
+    pub(crate) fn of(req: &'a FileRequest) -> Result<Self, BlobError> {
+        let offset =
+            u64::try_from(req.offset).map_err(|_| BlobError::invalid(format!("offset {} is negative", req.offset)))?;
+        Ok(DownloadFrom {
+            offset,
+            expected_hash: req.expected_hash.as_str(),
+        })
+    }
+
+    /// The first byte to send of a file with content key `blob_key` and `size` bytes.
+    pub(crate) fn check(&self, blob_key: &[u8], size: u64) -> Result<u64, BlobError> {
+        if !self.expected_hash.is_empty() && !self.expected_hash.eq_ignore_ascii_case(&hex(blob_key)) {
+            return Err(BlobError::FailedPrecondition(format!(
+                "the file's content is now {}, not the expected {}: it was replaced; start the download again",
+                hex(blob_key),
+                self.expected_hash
+            )));
+        }
+        if self.offset > size {
+            return Err(BlobError::OutOfRange(format!(
+                "offset {} is past the end of the file ({size} bytes)",
+                self.offset
+            )));
+        }
+        Ok(self.offset)
+    }
+}
+
+/// The whole answer in one message: a small object's content from `start`, or the empty last
+/// message of an empty file or of a download that starts at the end.
+fn one_message(key: &str, blob_key: &[u8], data: Bytes, start: u64) -> BoxStream<FileChunk> {
+    let from = (start as usize).min(data.len());
+    let msg = FileChunk {
+        file_key: key.to_string(),
+        checksum: if from == 0 && !data.is_empty() {
+            hex(blob_key)
+        } else {
+            String::new()
+        },
+        data: data.slice(from..),
+        offset: start as i64,
+        is_last: true,
+        ..Default::default()
+    };
+    Box::pin(tokio_stream::once(Ok(msg)))
 }
 
 #[cfg(test)]
