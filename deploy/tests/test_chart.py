@@ -194,6 +194,13 @@ def test_services_are_wired_to_each_other():
     peer = one(objs, "Deployment", "peervault-peer")["spec"]["template"]["spec"]
     penv = {e["name"]: e.get("value") for e in peer["containers"][0]["env"]}
     assert penv["PEERVAULT_KUBE_SERVICE"] == "peervault-blob-headless" and penv["PEERVAULT_KUBE_PORT_NAME"] == "grpc"
+    # peer and events verify API keys through blob (the replicated key records); blob itself
+    # holds them and needs no endpoint.
+    events = one(objs, "Deployment", "peervault-events")["spec"]["template"]["spec"]
+    eenv = {e["name"]: e.get("value") for e in events["containers"][0]["env"]}
+    for e in (penv, eenv):
+        assert e["PEERVAULT_AUTH_ENDPOINT"] == "peervault-blob.peervault.svc:8082"
+    assert "PEERVAULT_AUTH_ENDPOINT" not in env
 
 
 def test_generated_tls_issues_each_pod_its_identity():
@@ -320,7 +327,7 @@ def test_network_policies_allow_only_the_designed_paths():
                               for rule in nps[name]["egress"] for t in rule.get("to", [])]
     assert sorted(filter(None, egress_to("peervault-blob"))) == ["blob", "events", "peer"]
     assert sorted(filter(None, egress_to("peervault-peer"))) == ["blob", "events"]
-    assert sorted(filter(None, egress_to("peervault-events"))) == []
+    assert sorted(filter(None, egress_to("peervault-events"))) == ["blob"]
     assert not by_kind(render(), "NetworkPolicy")
 
 
