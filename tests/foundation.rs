@@ -2,6 +2,8 @@
 //! 127.0.0.1 with generated certificates and real gRPC clients.
 
 mod common;
+#[path = "common/otlp.rs"]
+mod otlp;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -9,7 +11,6 @@ use common::{Node, NodeBuilder, WAIT, try_channel};
 use peervault_proto::v1::{
     PublishRequest, peer_vault_service_client::PeerVaultServiceClient, system_service_client::SystemServiceClient,
 };
-use tokio::sync::Mutex;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -544,66 +545,6 @@ async fn forwarded_calls_reach_the_peer_service_with_service_identity() {
         .unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition);
     assert!(st.message().contains("--peer-endpoint"), "{}", st.message());
-}
-
-mod otlp {
-    use super::*;
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    };
-
-    /// A real OTLP/gRPC trace endpoint that keeps what it receives.
-    #[derive(Clone, Default)]
-    pub struct Receiver {
-        pub spans: Arc<Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
-    }
-
-    #[tonic::async_trait]
-    impl TraceService for Receiver {
-        async fn export(
-            &self,
-            req: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let mut spans = self.spans.lock().await;
-            for rs in req.into_inner().resource_spans {
-                let service = rs
-                    .resource
-                    .iter()
-                    .flat_map(|r| r.attributes.iter())
-                    .find(|kv| kv.key == "service.name")
-                    .and_then(|kv| kv.value.as_ref())
-                    .and_then(|v| match &v.value {
-                        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => {
-                            Some(s.clone())
-                        }
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                for ss in rs.scope_spans {
-                    for s in ss.spans {
-                        spans.push((service.clone(), s));
-                    }
-                }
-            }
-            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-        }
-    }
-
-    pub async fn start() -> (Receiver, std::net::SocketAddr) {
-        let rx = Receiver::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let svc = TraceServiceServer::new(rx.clone());
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-        (rx, addr)
-    }
 }
 
 #[tokio::test]

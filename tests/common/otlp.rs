@@ -66,6 +66,7 @@ pub async fn start() -> (Receiver, std::net::SocketAddr) {
 }
 
 /// Lower-case hex of an id.
+#[allow(dead_code)] // not every test that includes this file prints ids
 pub fn hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
