@@ -138,6 +138,40 @@ impl Client {
         }
     }
 
+    /// The one retry rule of the resuming transfers (upload_blob, get_file, get_blob): after a
+    /// failure of `call`, how long to wait before continuing, or the error to give up with. An
+    /// attempt that moved data (`progressed`) resets the count, so a long transfer over a
+    /// flaky link keeps going as long as each connection makes progress.
+    async fn pause_before_resuming(
+        &self,
+        call: &str,
+        e: Error,
+        progressed: bool,
+        attempt: &mut u32,
+        reconnects: &mut u32,
+    ) -> Result<(), Error> {
+        let policy = &self.config().retry;
+        if !retryable(&e) {
+            return Err(self.lift(e));
+        }
+        if progressed {
+            *attempt = 0;
+        }
+        if *attempt >= policy.max_retries {
+            return Err(self.lift(e));
+        }
+        *attempt += 1;
+        *reconnects += 1;
+        let d = policy.delay(*attempt);
+        let status = match &e {
+            Error::Status(s) => s.clone(),
+            other => Status::unavailable(other.to_string()),
+        };
+        policy.note(call, *attempt, &status, d);
+        tokio::time::sleep(d).await;
+        Ok(())
+    }
+
     /// Uploads a file under `key` from any reader, streaming it in 256 KiB messages with at
     /// most a few messages in memory, and checks the stored hash against the one computed while
     /// reading. Not retried (a reader cannot be replayed): use [`Client::put_path`] for a
@@ -256,7 +290,6 @@ impl Client {
         mut reader: R,
         opts: UploadOptions,
     ) -> Result<BlobUpload, Error> {
-        let policy = self.config().retry.clone();
         let idle = self.config().stream_idle_timeout;
         let window = opts.window.max(2 * PIECE) as u64;
         let mut id = opts.resume_id.clone();
@@ -447,24 +480,10 @@ impl Client {
                     }
                     return Err(self.err(s));
                 }
-                Err(e) if retryable(&e) => {
-                    if base > progress_before {
-                        attempt = 0;
-                    }
-                    if attempt >= policy.max_retries {
-                        return Err(self.lift(e));
-                    }
-                    attempt += 1;
-                    reconnects += 1;
-                    let d = policy.delay(attempt);
-                    let status = match &e {
-                        Error::Status(s) => s.clone(),
-                        other => Status::unavailable(other.to_string()),
-                    };
-                    policy.note("Upload", attempt, &status, d);
-                    tokio::time::sleep(d).await;
+                Err(e) => {
+                    self.pause_before_resuming("Upload", e, base > progress_before, &mut attempt, &mut reconnects)
+                        .await?
                 }
-                Err(e) => return Err(self.lift(e)),
             }
         }
     }
@@ -480,7 +499,6 @@ impl Client {
         progress: Option<Progress>,
     ) -> Result<Download, Error> {
         let info = self.stat(key).await?;
-        let policy = &self.config().retry;
         let idle = self.config().stream_idle_timeout;
         let mut written = 0u64;
         let mut hasher = blake3::Hasher::new();
@@ -524,22 +542,10 @@ impl Client {
             .await;
             match r {
                 Ok(()) => break,
-                Err(e) if retryable(&e) => {
-                    if written > before {
-                        attempt = 0;
-                    }
-                    if attempt >= policy.max_retries {
-                        return Err(self.lift(e));
-                    }
-                    attempt += 1;
-                    reconnects += 1;
-                    let d = policy.delay(attempt);
-                    if let Error::Status(s) = &e {
-                        policy.note("DownloadFile", attempt, s, d);
-                    }
-                    tokio::time::sleep(d).await;
+                Err(e) => {
+                    self.pause_before_resuming("DownloadFile", e, written > before, &mut attempt, &mut reconnects)
+                        .await?
                 }
-                Err(e) => return Err(self.lift(e)),
             }
         }
         writer
@@ -570,7 +576,6 @@ impl Client {
         mut writer: W,
         progress: Option<Progress>,
     ) -> Result<Download, Error> {
-        let policy = &self.config().retry;
         let idle = self.config().stream_idle_timeout;
         let start = range.map(|r| r.0).unwrap_or(0);
         let end = range.and_then(|r| r.1);
@@ -609,22 +614,10 @@ impl Client {
             .await;
             match r {
                 Ok(()) => break,
-                Err(e) if retryable(&e) => {
-                    if written > before {
-                        attempt = 0;
-                    }
-                    if attempt >= policy.max_retries {
-                        return Err(self.lift(e));
-                    }
-                    attempt += 1;
-                    reconnects += 1;
-                    let d = policy.delay(attempt);
-                    if let Error::Status(s) = &e {
-                        policy.note("GetBlob", attempt, s, d);
-                    }
-                    tokio::time::sleep(d).await;
+                Err(e) => {
+                    self.pause_before_resuming("GetBlob", e, written > before, &mut attempt, &mut reconnects)
+                        .await?
                 }
-                Err(e) => return Err(self.lift(e)),
             }
         }
         writer
