@@ -116,14 +116,22 @@ impl Cluster {
         }
     }
 
+    /// Starts the peer service with every pod in its static list.
     pub fn start_peer(&mut self) {
+        self.start_peer_listing(self.blob_ports.len());
+    }
+
+    /// Starts the peer service with the first `n` pods in its static list (the others can be
+    /// added with AddPeer).
+    pub fn start_peer_listing(&mut self, n: usize) {
+        let listed = self.ids()[..n].join(",");
         let dir = self.data_dir();
         let mut b = NodeBuilder::new("peer").data_dir(&dir);
         for a in [
             s("--discovery"),
             s("static"),
             s("--peers"),
-            self.ids().join(","),
+            listed,
             s("--probe-interval"),
             s("200ms"),
             s("--probe-timeout"),
