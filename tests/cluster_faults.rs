@@ -108,7 +108,7 @@ async fn links_cut_and_restored_during_writes_lose_no_acknowledged_write_and_rep
         for w in 0..3 {
             n += 1;
             let key = format!("cut/{n:02}");
-            let data = content(n, if n % 2 == 0 { 150_000 } else { 3_000 });
+            let data = content(n, if n.is_multiple_of(2) { 150_000 } else { 3_000 });
             let mut c = cl.files(w).await;
             match upload(&mut c, &key, &data).await {
                 Ok(_) => acked.push((key, data)),
