@@ -500,10 +500,12 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
     use std::sync::{Arc, Mutex};
     // Every pod behind a proxy, so links can be cut as well as pods killed and paused.
     let cl = Arc::new(Mutex::new(Cluster::start_proxied(3, &[])));
-    // Clients are built up front: a pod's address does not change across restarts.
+    // Clients reach each pod through its proxy, whose address stays while the pod restarts
+    // on a new port (a cut link cuts the clients of that pod off too: their calls fail and
+    // count as unknown outcomes).
     let addrs: Vec<std::net::SocketAddr> = {
         let g = cl.lock().unwrap();
-        (0..3).map(|i| g.pod(i).grpc).collect()
+        (0..3).map(|i| g.proxy(i).addr).collect()
     };
     let tls = cl.lock().unwrap().blob_dirs[0].join("tls");
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -177,9 +177,19 @@ impl Cluster {
         for (k, v) in self.pod_env.get(i).into_iter().flatten() {
             b = b.env(k, v.clone());
         }
-        let node = b
-            .start_listening(&format!("127.0.0.1:{}", self.blob_ports[i]), "127.0.0.1:0")
-            .0;
+        // Behind a proxy a pod listens on a fresh port each start and the proxy follows it
+        // (no port reserved ahead that another process could take meanwhile); without one it
+        // comes back on its fixed port.
+        let listen = if self.proxies.is_empty() {
+            format!("127.0.0.1:{}", self.blob_ports[i])
+        } else {
+            "127.0.0.1:0".to_string()
+        };
+        let node = b.start_listening(&listen, "127.0.0.1:0").0;
+        if let Some(p) = self.proxies.get(i) {
+            p.set_target(node.grpc);
+            self.blob_ports[i] = node.grpc.port();
+        }
         if self.pods.len() <= i {
             self.pods.resize_with(i + 1, || None);
         }

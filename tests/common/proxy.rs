@@ -35,7 +35,7 @@ pub enum CutMode {
 }
 
 struct State {
-    target: SocketAddr,
+    target: std::sync::Mutex<SocketAddr>,
     /// `Some(mode)` while cut.
     cut: std::sync::Mutex<Option<CutMode>>,
     cut_flag: AtomicBool,
@@ -79,7 +79,7 @@ impl Proxy {
         let addr = std_listener.local_addr().expect("proxy address");
         let (epoch, _) = watch::channel(0u64);
         let state = Arc::new(State {
-            target,
+            target: std::sync::Mutex::new(target),
             cut: std::sync::Mutex::new(None),
             cut_flag: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
@@ -120,6 +120,11 @@ impl Proxy {
         if was.is_some() {
             self.state.epoch.send_modify(|e| *e += 1);
         }
+    }
+
+    /// Forwards new connections to `target` from now on (a pod restarted on another port).
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.state.target.lock().unwrap() = target;
     }
 
     /// Whether the link is cut.
@@ -168,7 +173,8 @@ async fn serve(st: Arc<State>, conn: TcpStream) {
         }
         None => {}
     }
-    let Ok(upstream) = TcpStream::connect(st.target).await else {
+    let target = *st.target.lock().unwrap();
+    let Ok(upstream) = TcpStream::connect(target).await else {
         return;
     };
     let _ = conn.set_nodelay(true);
