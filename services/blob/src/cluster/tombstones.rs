@@ -12,7 +12,6 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::Duration,
 };
 
 use peervault_proto::v1::FileRecord;
@@ -160,7 +159,7 @@ impl Cluster {
             self.inner.metrics.tombstones_collected.inc_by(collected as u64);
             tracing::info!(
                 collected,
-                grace = ?Duration::from_millis(self.inner.cfg.tombstone_grace.as_millis() as u64),
+                grace = ?self.inner.cfg.tombstone_grace,
                 "tombstones collected: every owner holds them and the grace period passed"
             );
         }
