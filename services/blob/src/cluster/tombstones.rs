@@ -188,6 +188,31 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_store_collects_a_tombstone_only_while_it_is_the_one_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(
+            dir.path(),
+            crate::config::BlobConfig::default(),
+            crate::metrics::BlobMetrics::new(None).unwrap(),
+        )
+        .unwrap();
+        let tomb = rec("k", 100, true);
+        assert!(store.apply_record(tomb.clone(), None).await.unwrap().0);
+        let h = hlc_from_wire(tomb.hlc.as_ref().unwrap());
+        let other = crate::store::records::Hlc {
+            physical_ms: 99,
+            ..h.clone()
+        };
+        // Another clock (a newer delete replaced the confirmed one): kept.
+        assert!(!store.collect_tombstone("k", &other).await.unwrap());
+        assert!(store.replica_record("k", false).unwrap().is_some_and(|r| r.deleted));
+        assert!(store.collect_tombstone("k", &h).await.unwrap());
+        assert!(store.replica_record("k", false).unwrap().is_none());
+        // Nothing left: nothing to collect.
+        assert!(!store.collect_tombstone("k", &h).await.unwrap());
+    }
+
     #[test]
     fn only_an_owner_holding_an_older_live_copy_withholds_confirmation() {
         let tomb = rec("k", 100, true);
