@@ -13,11 +13,13 @@ use std::{
 use bytes::Bytes;
 use common::{
     WAIT,
-    cluster::{Cluster, content, download, eventually, expected_owners, holders, list_all, upload, wait_drained},
+    cluster::{
+        Cluster, content, download, eventually, expected_owners, file_req, holders, list_all, upload, wait_drained,
+    },
     proxy::CutMode,
 };
 use peervault_proto::v1::{
-    AddPeerRequest, FileChunk, FileRecord, FileRequest, FileResponse, GetRecordRequest, PeerRequest,
+    AddPeerRequest, FileChunk, FileRecord, FileResponse, GetRecordRequest, PeerRequest,
     file_service_client::FileServiceClient, peer_service_client::PeerServiceClient,
 };
 use tonic::{Code, transport::Channel};
@@ -318,7 +320,7 @@ async fn membership_flapping_during_a_large_write_ends_with_r_replicas_or_a_clea
                     }
                     for i in 0..3 {
                         let mut c = cl.files(i).await;
-                        let got = c.get_file(FileRequest { key: key.clone() }).await.unwrap_err();
+                        let got = c.get_file(file_req(&key)).await.unwrap_err();
                         assert_eq!(got.code(), Code::NotFound, "pod {i}");
                     }
                 }
@@ -412,10 +414,10 @@ async fn skewed_wall_clocks_keep_last_writer_order_and_a_pod_far_ahead_is_refuse
     }
     // A delete through the slow pod also orders after the fast pod's write.
     upload(&mut c2, "skew/d", b"short-lived").await.unwrap();
-    c1.delete_file(FileRequest { key: "skew/d".into() }).await.unwrap();
+    c1.delete_file(file_req("skew/d")).await.unwrap();
     for i in 0..3 {
         let mut c = cl.files(i).await;
-        let e = c.get_file(FileRequest { key: "skew/d".into() }).await.unwrap_err();
+        let e = c.get_file(file_req("skew/d")).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "pod {i}");
     }
 
@@ -471,7 +473,7 @@ async fn a_tombstone_is_collected_only_after_the_pod_that_missed_the_delete_hold
 
     // With every pod up, a tombstone goes once the grace period passed.
     let t_del = Instant::now();
-    c0.delete_file(FileRequest { key: "gc/quick".into() }).await.unwrap();
+    c0.delete_file(file_req("gc/quick")).await.unwrap();
     wait_drained(&cl);
     let tomb = local_record(&cl, 0, "gc/quick").await.unwrap();
     assert!(tomb.deleted);
@@ -491,7 +493,7 @@ async fn a_tombstone_is_collected_only_after_the_pod_that_missed_the_delete_hold
     // Pod 2 is down during a delete; the grace period passes; its peers keep the tombstone.
     cl.kill(2);
     cl.wait_ready(2, false);
-    c0.delete_file(FileRequest { key: "gc/gone".into() }).await.unwrap();
+    c0.delete_file(file_req("gc/gone")).await.unwrap();
     let tomb = local_record(&cl, 0, "gc/gone").await.unwrap();
     assert!(tomb.deleted);
     let due = tomb.hlc.as_ref().unwrap().physical_ms + grace.as_millis() as u64;
@@ -531,7 +533,7 @@ async fn a_tombstone_is_collected_only_after_the_pod_that_missed_the_delete_hold
     eventually("gc/gone collected on every pod", WAIT, || async {
         for i in 0..3 {
             let mut c = cl.files(i).await;
-            let e = c.get_file(FileRequest { key: "gc/gone".into() }).await.unwrap_err();
+            let e = c.get_file(file_req("gc/gone")).await.unwrap_err();
             assert_eq!(e.code(), Code::NotFound, "pod {i}: the deleted file came back");
             if i < 2 {
                 let r = local_record(&cl, i, "gc/gone").await;

@@ -247,6 +247,15 @@ impl Cluster {
     }
 }
 
+/// A FileRequest for `key` (other fields default, whatever fields the message gains).
+#[allow(clippy::needless_update)]
+pub fn file_req(key: &str) -> FileRequest {
+    FileRequest {
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
 pub fn content(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -282,7 +291,7 @@ pub async fn upload(c: &mut FileServiceClient<Channel>, key: &str, data: &[u8]) 
 }
 
 pub async fn download(c: &mut FileServiceClient<Channel>, key: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut s = c.download_file(FileRequest { key: key.into() }).await?.into_inner();
+    let mut s = c.download_file(file_req(key)).await?.into_inner();
     let mut out = Vec::new();
     while let Some(m) = s.message().await? {
         assert_eq!(m.offset as usize, out.len());
