@@ -16,14 +16,13 @@ use bytes::Bytes;
 use common::{
     NodeBuilder, WAIT,
     cluster::{
-        Cluster, Rng, assert_acknowledged_by_majority, content, download, eventually, expected_owners, holders,
-        list_all, s, statuses, upload, wait_drained,
+        Cluster, Rng, assert_acknowledged_by_majority, content, download, eventually, expected_owners, file_req,
+        holders, list_all, s, statuses, upload, wait_drained,
     },
 };
 use peervault_proto::v1::{
-    ChunkData, CommitRecordRequest, FileRecord, FileRequest, GetRecordRequest, HasChunksRequest, HybridTimestamp,
-    ListFilesRequest, PutRecordRequest, file_service_client::FileServiceClient,
-    replication_service_client::ReplicationServiceClient,
+    ChunkData, CommitRecordRequest, FileRecord, GetRecordRequest, HasChunksRequest, HybridTimestamp, ListFilesRequest,
+    PutRecordRequest, file_service_client::FileServiceClient, replication_service_client::ReplicationServiceClient,
 };
 use tonic::Code;
 
@@ -45,11 +44,7 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
         assert_eq!(download(&mut c, "docs/small").await.unwrap(), small, "pod {i}");
         assert_eq!(download(&mut c, "docs/big").await.unwrap(), big, "pod {i}");
         assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/small"], "pod {i}");
-        let g = c
-            .get_file(FileRequest { key: "docs/big".into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let g = c.get_file(file_req("docs/big")).await.unwrap().into_inner();
         assert_eq!(g.size, big.len() as i64);
         let peers: BTreeSet<String> = g.replicas.iter().map(|x| x.peer_id.clone()).collect();
         assert_eq!(peers, cl.ids().into_iter().collect(), "replicas are the three pods");
@@ -82,11 +77,7 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
             >= 1.0
     );
     // Deleting works with one pod down too; the pod that missed it must not bring it back.
-    c1.delete_file(FileRequest {
-        key: "docs/small".into(),
-    })
-    .await
-    .unwrap();
+    c1.delete_file(file_req("docs/small")).await.unwrap();
 
     // Two of three down: a write fails cleanly and never appears.
     cl.kill(1);
@@ -113,7 +104,7 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
     for i in 0..3 {
         let mut c = cl.files(i).await;
         for k in ["docs/no-majority", "docs/no-majority-small", "docs/small"] {
-            let e = c.get_file(FileRequest { key: k.into() }).await.unwrap_err();
+            let e = c.get_file(file_req(k)).await.unwrap_err();
             assert_eq!(e.code(), Code::NotFound, "pod {i} {k}");
         }
         assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/while-down"], "pod {i}");
@@ -298,13 +289,7 @@ async fn replication_calls_need_a_service_identity_and_refuse_bad_input() {
     .await
     .unwrap();
     assert_eq!(
-        files
-            .get_file(FileRequest {
-                key: "ok/pending".into()
-            })
-            .await
-            .unwrap_err()
-            .code(),
+        files.get_file(file_req("ok/pending")).await.unwrap_err().code(),
         Code::NotFound
     );
     let applied = r
@@ -542,9 +527,7 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
                     let r = tokio::time::timeout(Duration::from_secs(5), upload(&mut c, &key, &data)).await;
                     (Some(hash), matches!(r, Ok(Ok(_))))
                 } else {
-                    let r =
-                        tokio::time::timeout(Duration::from_secs(5), c.delete_file(FileRequest { key: key.clone() }))
-                            .await;
+                    let r = tokio::time::timeout(Duration::from_secs(5), c.delete_file(file_req(&key))).await;
                     match r {
                         Ok(Ok(_)) => (None, true),
                         // Nothing to delete: the key is absent, which is what was asked.
