@@ -13,278 +13,18 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Node, NodeBuilder, WAIT, free_port};
-use peervault_proto::v1::{
-    ChunkData, CommitRecordRequest, FileChunk, FileRecord, FileRequest, FileResponse, GetRecordRequest,
-    HasChunksRequest, HybridTimestamp, ListFilesRequest, PutRecordRequest, file_service_client::FileServiceClient,
-    replication_service_client::ReplicationServiceClient,
+use common::{
+    NodeBuilder, WAIT,
+    cluster::{
+        Cluster, Rng, assert_acknowledged_by_majority, content, download, eventually, expected_owners, file_req,
+        holders, list_all, s, statuses, upload, wait_drained,
+    },
 };
-use tonic::{Code, transport::Channel};
-
-const TLS_FILES: [&str; 5] = ["ca.crt", "server.crt", "server.key", "client.crt", "client.key"];
-
-fn s(v: &str) -> String {
-    v.to_string()
-}
-
-/// A cluster: one CA, a peer service with a static list, blob pods on fixed ports (so a pod
-/// comes back on its address after a restart).
-struct Cluster {
-    tls: tempfile::TempDir,
-    dirs: Vec<tempfile::TempDir>,
-    peer_port: u16,
-    blob_ports: Vec<u16>,
-    blob_dirs: Vec<PathBuf>,
-    peer: Option<Node>,
-    pods: Vec<Option<Node>>,
-    extra: Vec<String>,
-}
-
-impl Cluster {
-    fn new(n: usize, extra: &[&str]) -> Self {
-        let tls = tempfile::tempdir().unwrap();
-        peervault_runtime::tls::ensure_dev_certs(tls.path(), "peervault.local").unwrap();
-        let mut c = Cluster {
-            tls,
-            dirs: vec![],
-            peer_port: free_port(),
-            blob_ports: (0..n).map(|_| free_port()).collect(),
-            blob_dirs: vec![],
-            peer: None,
-            pods: vec![],
-            extra: extra.iter().map(|x| x.to_string()).collect(),
-        };
-        for _ in 0..n {
-            let d = c.data_dir();
-            c.blob_dirs.push(d);
-        }
-        c
-    }
-
-    fn data_dir(&mut self) -> PathBuf {
-        let t = tempfile::tempdir().unwrap();
-        let data = t.path().join("data");
-        std::fs::create_dir_all(data.join("tls")).unwrap();
-        for f in TLS_FILES {
-            std::fs::copy(self.tls.path().join(f), data.join("tls").join(f)).unwrap();
-        }
-        self.dirs.push(t);
-        data
-    }
-
-    fn ids(&self) -> Vec<String> {
-        self.blob_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
-    }
-
-    fn start_peer(&mut self) {
-        let dir = self.data_dir();
-        let mut b = NodeBuilder::new("peer").data_dir(&dir);
-        for a in [
-            s("--discovery"),
-            s("static"),
-            s("--peers"),
-            self.ids().join(","),
-            s("--probe-interval"),
-            s("200ms"),
-            s("--probe-timeout"),
-            s("300ms"),
-            s("--probe-down-after"),
-            s("3"),
-            s("--probe-up-after"),
-            s("2"),
-        ] {
-            b = b.arg(a);
-        }
-        self.peer = Some(
-            b.start_listening(&format!("127.0.0.1:{}", self.peer_port), "127.0.0.1:0")
-                .0,
-        );
-    }
-
-    fn start_pod(&mut self, i: usize) {
-        let mut b = NodeBuilder::new("blob").data_dir(&self.blob_dirs[i]);
-        for a in [
-            s("--peer-endpoint"),
-            format!("127.0.0.1:{}", self.peer_port),
-            s("--node-id"),
-            format!("blob-{i}"),
-            s("--chunk-size"),
-            s("65536"),
-            s("--replication-timeout"),
-            s("2s"),
-            s("--anti-entropy-interval"),
-            s("1s"),
-        ] {
-            b = b.arg(a);
-        }
-        for a in &self.extra {
-            b = b.arg(a.clone());
-        }
-        let node = b
-            .start_listening(&format!("127.0.0.1:{}", self.blob_ports[i]), "127.0.0.1:0")
-            .0;
-        if self.pods.len() <= i {
-            self.pods.resize_with(i + 1, || None);
-        }
-        self.pods[i] = Some(node);
-    }
-
-    fn start(n: usize, extra: &[&str]) -> Self {
-        let mut c = Cluster::new(n, extra);
-        c.start_peer();
-        for i in 0..n {
-            c.start_pod(i);
-        }
-        let n = c.blob_ports.len() as f64;
-        for p in c.pods.iter().flatten() {
-            p.wait_metric("peervault_replication_members", &[], |v| v == n);
-            p.wait_metric("peervault_membership_view_ready", &[], |v| v == n);
-        }
-        c
-    }
-
-    fn pod(&self, i: usize) -> &Node {
-        self.pods[i].as_ref().expect("pod is running")
-    }
-
-    /// kill -9.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut n) = self.pods[i].take() {
-            n.signal("KILL");
-            n.wait_exit(WAIT);
-        }
-    }
-
-    async fn files(&self, i: usize) -> FileServiceClient<Channel> {
-        FileServiceClient::new(self.pod(i).channel().await)
-    }
-
-    async fn repl(&self, i: usize) -> ReplicationServiceClient<Channel> {
-        ReplicationServiceClient::new(self.pod(i).service_channel().await)
-    }
-
-    /// Waits until the peer service (and so every pod's view) sees pod `i` as ready or not.
-    fn wait_ready(&self, i: usize, ready: bool) {
-        let want = if ready { 1.0 } else { 0.0 };
-        let label = format!("peer=\"127.0.0.1:{}\"", self.blob_ports[i]);
-        self.peer
-            .as_ref()
-            .unwrap()
-            .wait_metric("peervault_peer_up", &[&label], |v| v == want);
-    }
-}
-
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-async fn upload(c: &mut FileServiceClient<Channel>, key: &str, data: &[u8]) -> Result<FileResponse, tonic::Status> {
-    // Several messages so large files take the streaming path.
-    let piece = 40_000;
-    let mut msgs = Vec::new();
-    let mut off = 0usize;
-    loop {
-        let end = (off + piece).min(data.len());
-        msgs.push(FileChunk {
-            file_key: key.to_string(),
-            data: Bytes::copy_from_slice(&data[off..end]),
-            offset: off as i64,
-            is_last: end == data.len(),
-            ..Default::default()
-        });
-        off = end;
-        if off == data.len() {
-            break;
-        }
-    }
-    c.upload_file(tokio_stream::iter(msgs)).await.map(|r| r.into_inner())
-}
-
-async fn download(c: &mut FileServiceClient<Channel>, key: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut s = c
-        .download_file(FileRequest {
-            key: key.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = s.message().await? {
-        assert_eq!(m.offset as usize, out.len());
-        out.extend_from_slice(&m.data);
-    }
-    Ok(out)
-}
-
-async fn list_all(c: &mut FileServiceClient<Channel>, page_size: i32) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut token = String::new();
-    for _ in 0..1000 {
-        let r = c
-            .list_files(ListFilesRequest {
-                page_size,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        keys.extend(r.files.into_iter().map(|f| f.key));
-        if r.next_page_token.is_empty() {
-            return keys;
-        }
-        token = r.next_page_token;
-    }
-    panic!("pagination never ended");
-}
-
-/// Polls `f` every 50 ms until it returns true, for at most `limit`.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn statuses(r: &FileResponse) -> Vec<String> {
-    r.replicas.iter().map(|x| x.status.clone()).collect()
-}
-
-/// Three replicas listed, a majority of them synced (a replica slower than the coordinator's
-/// straggler grace, on a loaded machine, is `pending` and gets the file from the hand-off
-/// queue).
-fn assert_acknowledged_by_majority(r: &FileResponse) {
-    assert_eq!(r.replicas.len(), 3, "{r:?}");
-    let synced = r.replicas.iter().filter(|x| x.status == "synced").count();
-    assert!(synced >= 2, "{r:?}");
-    assert!(
-        r.replicas.iter().all(|x| x.status == "synced" || x.status == "pending"),
-        "{r:?}"
-    );
-}
-
-/// Waits until no pod has replicas left to hand off.
-fn wait_drained(cl: &Cluster) {
-    for p in cl.pods.iter().flatten() {
-        p.wait_metric("peervault_replication_handoff_queue_depth", &[], |v| v == 0.0);
-    }
-}
+use peervault_proto::v1::{
+    ChunkData, CommitRecordRequest, FileRecord, GetRecordRequest, HasChunksRequest, HybridTimestamp, ListFilesRequest,
+    PutRecordRequest, file_service_client::FileServiceClient, replication_service_client::ReplicationServiceClient,
+};
+use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themselves() {
@@ -304,14 +44,7 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
         assert_eq!(download(&mut c, "docs/small").await.unwrap(), small, "pod {i}");
         assert_eq!(download(&mut c, "docs/big").await.unwrap(), big, "pod {i}");
         assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/small"], "pod {i}");
-        let g = c
-            .get_file(FileRequest {
-                key: "docs/big".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let g = c.get_file(file_req("docs/big")).await.unwrap().into_inner();
         assert_eq!(g.size, big.len() as i64);
         let peers: BTreeSet<String> = g.replicas.iter().map(|x| x.peer_id.clone()).collect();
         assert_eq!(peers, cl.ids().into_iter().collect(), "replicas are the three pods");
@@ -344,12 +77,7 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
             >= 1.0
     );
     // Deleting works with one pod down too; the pod that missed it must not bring it back.
-    c1.delete_file(FileRequest {
-        key: "docs/small".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c1.delete_file(file_req("docs/small")).await.unwrap();
 
     // Two of three down: a write fails cleanly and never appears.
     cl.kill(1);
@@ -376,13 +104,7 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
     for i in 0..3 {
         let mut c = cl.files(i).await;
         for k in ["docs/no-majority", "docs/no-majority-small", "docs/small"] {
-            let e = c
-                .get_file(FileRequest {
-                    key: k.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_err();
+            let e = c.get_file(file_req(k)).await.unwrap_err();
             assert_eq!(e.code(), Code::NotFound, "pod {i} {k}");
         }
         assert_eq!(list_all(&mut c, 1).await, ["docs/big", "docs/while-down"], "pod {i}");
@@ -567,14 +289,7 @@ async fn replication_calls_need_a_service_identity_and_refuse_bad_input() {
     .await
     .unwrap();
     assert_eq!(
-        files
-            .get_file(FileRequest {
-                key: "ok/pending".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err()
-            .code(),
+        files.get_file(file_req("ok/pending")).await.unwrap_err().code(),
         Code::NotFound
     );
     let applied = r
@@ -648,39 +363,6 @@ async fn a_flipped_byte_is_found_by_scrub_and_repaired_from_a_replica() {
     );
     let mut c1 = cl.files(1).await;
     assert_eq!(download(&mut c1, "scrub/me").await.unwrap(), data);
-}
-
-/// Which pods hold a record of `key` (asked with a service identity).
-async fn holders(cl: &Cluster, key: &str, pods: &[usize]) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for &i in pods {
-        let mut r = cl.repl(i).await;
-        let got = r
-            .get_record(GetRecordRequest { key: key.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .record;
-        if got.is_some_and(|r| !r.deleted) {
-            out.insert(format!("127.0.0.1:{}", cl.blob_ports[i]));
-        }
-    }
-    out
-}
-
-fn expected_owners(ids: &[String], key: &str) -> BTreeSet<String> {
-    use peervault_blob::{cluster::placement, store::replica::key_partition};
-    let members: Vec<placement::Member> = ids
-        .iter()
-        .map(|id| placement::Member {
-            id: id.clone(),
-            zone: String::new(),
-            node: String::new(),
-        })
-        .collect();
-    placement::owners_of(key_partition(key), &members, 3)
-        .into_iter()
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -785,21 +467,6 @@ async fn a_fourth_pod_gets_its_share_and_an_excluded_pod_is_drained_before_it_st
     }
 }
 
-/// A small deterministic generator for the fault test (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What a key may read back as at the end: the value of its last acknowledged operation, or
 /// of an operation whose call failed (its outcome is unknown: it may have reached some pods).
 #[derive(Default, Clone)]
@@ -810,17 +477,20 @@ struct KeyHistory {
 }
 
 /// One seed: concurrent writers (each owning its keys, so per-key order is the call order)
-/// put, overwrite and delete while a fault task kills, pauses (SIGSTOP) and restarts pods;
+/// put, overwrite and delete while a fault task kills, pauses (SIGSTOP), restarts and cuts off pods;
 /// then every pod must read every key as its last acknowledged value (or a value whose write
 /// failed with an unknown outcome), a key deleted last and never written again with an unknown
 /// outcome must be absent everywhere, and all pods must agree.
 async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
     use std::sync::{Arc, Mutex};
-    let cl = Arc::new(Mutex::new(Cluster::start(3, &[])));
-    // Clients are built up front: a pod's address does not change across restarts.
+    // Every pod behind a proxy, so links can be cut as well as pods killed and paused.
+    let cl = Arc::new(Mutex::new(Cluster::start_proxied(3, &[])));
+    // Clients reach each pod through its proxy, whose address stays while the pod restarts
+    // on a new port (a cut link cuts the clients of that pod off too: their calls fail and
+    // count as unknown outcomes).
     let addrs: Vec<std::net::SocketAddr> = {
         let g = cl.lock().unwrap();
-        (0..3).map(|i| g.pod(i).grpc).collect()
+        (0..3).map(|i| g.proxy(i).addr).collect()
     };
     let tls = cl.lock().unwrap().blob_dirs[0].join("tls");
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -857,14 +527,7 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
                     let r = tokio::time::timeout(Duration::from_secs(5), upload(&mut c, &key, &data)).await;
                     (Some(hash), matches!(r, Ok(Ok(_))))
                 } else {
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        c.delete_file(FileRequest {
-                            key: key.clone(),
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
+                    let r = tokio::time::timeout(Duration::from_secs(5), c.delete_file(file_req(&key))).await;
                     match r {
                         Ok(Ok(_)) => (None, true),
                         // Nothing to delete: the key is absent, which is what was asked.
@@ -885,8 +548,9 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
             (hist, ops, failed)
         }));
     }
-    // Faults: every 400-900 ms, one of kill -9 + restart, SIGSTOP for a while, or nothing;
-    // never more than one pod down, so a majority stays.
+    // Faults: every 400-900 ms, one of kill -9 + restart, SIGSTOP for a while, the links into
+    // a pod cut (open connections dropped, new ones refused or blackholed) and restored, or
+    // nothing; never more than one pod down or cut off, so a majority stays.
     let faults = {
         let cl = cl.clone();
         tokio::task::spawn_blocking(move || {
@@ -895,7 +559,7 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
             while Instant::now() + Duration::from_millis(900) < deadline {
                 std::thread::sleep(Duration::from_millis(400 + rng.below(500)));
                 let i = rng.below(3) as usize;
-                match rng.below(3) {
+                match rng.below(4) {
                     0 => {
                         let mut g = cl.lock().unwrap();
                         g.kill(i);
@@ -909,6 +573,17 @@ async fn fault_run(seed: u64, secs: u64) -> serde_json::Value {
                         std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
                         cl.lock().unwrap().pod(i).signal("CONT");
                         log.push(format!("stop {i}"));
+                    }
+                    2 => {
+                        let mode = if rng.below(2) == 0 {
+                            common::proxy::CutMode::Refuse
+                        } else {
+                            common::proxy::CutMode::Blackhole
+                        };
+                        cl.lock().unwrap().proxy(i).cut(mode);
+                        std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
+                        cl.lock().unwrap().proxy(i).restore();
+                        log.push(format!("cut {i} {mode:?}"));
                     }
                     _ => log.push("none".into()),
                 }

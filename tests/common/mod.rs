@@ -13,6 +13,8 @@ use std::{
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+pub mod cluster;
+pub mod proxy;
 pub mod ws;
 
 /// The server binary built for these tests (`PEERVAULT_TEST_BIN` runs the same tests against

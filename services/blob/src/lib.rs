@@ -76,6 +76,13 @@ pub async fn services(ctx: &ServiceContext, cfg: BlobConfig, upstreams: Upstream
         .map_err(|e| BlobError::Unavailable(format!("metrics: {e}")))?;
     let root = ctx.config.data_dir.join("blob");
     let cfg_cluster = cfg.cluster.clone();
+    let mut cfg = cfg;
+    if upstreams.membership.is_some() {
+        // In a cluster, anti-entropy collects tombstones once every owner holds them
+        // (cluster/tombstones.rs); the engine's own expiry could let a pod that missed the
+        // delete bring the file back.
+        cfg.tombstone_expiry = std::time::Duration::MAX;
+    }
     let store = tokio::task::spawn_blocking(move || store::Store::open(&root, cfg, metrics))
         .await
         .map_err(|e| BlobError::Unavailable(format!("opening the store failed: {e}")))??;

@@ -35,6 +35,12 @@ pub struct ClusterConfig {
     #[arg(long, env = "PEERVAULT_SCRUB_INTERVAL", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
     pub scrub_interval: Duration,
 
+    /// How old a tombstone (what remains of a deleted file) must be before anti-entropy may
+    /// collect it; it is collected only once every owner of its partition confirmed it holds
+    /// it (or a newer record), so a pod that missed the delete cannot bring the file back.
+    #[arg(long, env = "PEERVAULT_TOMBSTONE_GRACE", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub tombstone_grace: Duration,
+
     /// Refuse reads that fewer than a majority of a file's owners answered (default: serve the
     /// newest record among those that did, counted as a degraded read).
     #[arg(long, env = "PEERVAULT_STRICT_READS", default_value_t = false)]
@@ -50,6 +56,7 @@ impl Default for ClusterConfig {
             replication_timeout: Duration::from_secs(5),
             anti_entropy_interval: Duration::from_secs(120),
             scrub_interval: Duration::from_secs(24 * 3600),
+            tombstone_grace: Duration::from_secs(24 * 3600),
             strict_reads: false,
         }
     }

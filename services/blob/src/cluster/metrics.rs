@@ -32,6 +32,9 @@ pub mod names {
     pub const FACTOR: &str = "peervault_replication_factor";
     /// Chunks found corrupt by scrub and repaired from a replica.
     pub const SCRUB_REPAIRED_TOTAL: &str = "peervault_replication_scrub_repaired_total";
+    /// Tombstones collected by anti-entropy after every owner confirmed them and the grace
+    /// period passed.
+    pub const TOMBSTONES_COLLECTED_TOTAL: &str = "peervault_replication_tombstones_collected_total";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -49,6 +52,7 @@ pub mod names {
         MEMBERS,
         FACTOR,
         SCRUB_REPAIRED_TOTAL,
+        TOMBSTONES_COLLECTED_TOTAL,
     ];
 }
 
@@ -83,6 +87,8 @@ pub struct ClusterMetrics {
     pub factor: IntGauge,
     /// See [`names::SCRUB_REPAIRED_TOTAL`].
     pub scrub_repaired: IntCounter,
+    /// See [`names::TOMBSTONES_COLLECTED_TOTAL`].
+    pub tombstones_collected: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -127,6 +133,10 @@ impl ClusterMetrics {
             members: IntGauge::new(names::MEMBERS, "Members in the placement this pod uses.")?,
             factor: IntGauge::new(names::FACTOR, "Replication factor in force.")?,
             scrub_repaired: IntCounter::new(names::SCRUB_REPAIRED_TOTAL, "Corrupt chunks repaired by scrub.")?,
+            tombstones_collected: IntCounter::new(
+                names::TOMBSTONES_COLLECTED_TOTAL,
+                "Tombstones collected once every owner held them and the grace period passed.",
+            )?,
         };
         if let Some(r) = registry {
             let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -144,6 +154,7 @@ impl ClusterMetrics {
                 Box::new(m.members.clone()),
                 Box::new(m.factor.clone()),
                 Box::new(m.scrub_repaired.clone()),
+                Box::new(m.tombstones_collected.clone()),
             ];
             for c in all {
                 match r.register(c) {

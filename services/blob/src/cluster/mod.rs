@@ -14,6 +14,7 @@ mod read;
 mod repair;
 pub mod server;
 mod sync;
+mod tombstones;
 mod write;
 
 use std::{

@@ -8,7 +8,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use futures_util::StreamExt;
 use peervault_proto::v1::{DigestsRequest, FileRecord, ListRecordsRequest};
 
-use super::{Cluster, handoff};
+use super::{
+    Cluster, handoff,
+    tombstones::{Confirmations, Seen, push_expired_tombstone},
+};
 use crate::store::replica::{PARTITIONS, key_partition};
 
 /// Starts the hand-off worker and the anti-entropy loop.
@@ -122,6 +125,11 @@ impl Cluster {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "anti-entropy round failed"),
                 }
+            } else if layout.self_id.is_some() {
+                // The only member of a view: no owner to ask, the grace period alone decides.
+                if let Err(e) = self.collect_tombstones(&layout, &Confirmations::default()).await {
+                    tracing::warn!(error = %e, "tombstone collection failed");
+                }
             }
             let changed = self.inner.layout_changed.notified();
             tokio::select! {
@@ -149,6 +157,8 @@ impl Cluster {
             .map_err(|e| crate::error::BlobError::Unavailable(e.to_string()))??;
         let empty = *blake3::Hasher::new().finalize().as_bytes();
         let mut clean = true;
+        // What every other owner was seen to hold, for tombstone collection.
+        let mut conf = Confirmations::default();
         // Partitions this pod holds but no longer owns: dropped once every owner confirmed.
         let mut leaving: HashMap<u32, bool> = HashMap::new();
         // Which partitions to compare with which peer: those both own now, plus partitions this
@@ -181,11 +191,13 @@ impl Cluster {
             if layout.peers.get(&peer).is_some_and(|p| !p.ready) {
                 clean = false;
                 fail(&mut leaving);
+                conf.failed(&parts);
                 continue;
             }
             let Some(mut client) = self.client(&peer) else {
                 clean = false;
                 fail(&mut leaving);
+                conf.failed(&parts);
                 continue;
             };
             let theirs = match self
@@ -200,6 +212,7 @@ impl Cluster {
                     tracing::debug!(peer = %peer, error = %st.message(), "digest exchange failed");
                     clean = false;
                     fail(&mut leaving);
+                    conf.failed(&parts);
                     continue;
                 }
             };
@@ -216,6 +229,8 @@ impl Cluster {
             for (p, d) in theirs.partitions.iter().zip(&theirs.digests) {
                 if local.get(*p as usize).map(|x| &x[..]) != Some(d.as_ref()) {
                     differ.push(*p);
+                } else {
+                    conf.saw(*p, &peer, Seen::InSync);
                 }
             }
             if differ.is_empty() {
@@ -224,11 +239,25 @@ impl Cluster {
             }
             self.inner.metrics.digest_rounds.with_label_values(&["differ"]).inc();
             tracing::info!(peer = %peer, partitions = differ.len(), "anti-entropy: partitions differ");
-            if let Err(e) = self.push_newer(&peer, &differ).await {
-                tracing::debug!(peer = %peer, error = %e, "anti-entropy push failed");
-                clean = false;
-                fail(&mut leaving);
+            match self.push_newer(&peer, &differ).await {
+                Ok(listed) => {
+                    let listed = Arc::new(listed);
+                    for p in &differ {
+                        conf.saw(*p, &peer, Seen::Listed(listed.clone()));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %e, "anti-entropy push failed");
+                    clean = false;
+                    fail(&mut leaving);
+                    conf.failed(&differ);
+                }
             }
+        }
+        if self.layout().version == layout.version
+            && let Err(e) = self.collect_tombstones(&layout, &conf).await
+        {
+            tracing::warn!(error = %e, "tombstone collection failed");
         }
         // Every owner of these partitions confirmed it holds what this pod has (or newer).
         for (p, ok) in leaving {
@@ -329,8 +358,10 @@ impl Cluster {
         Ok(repaired)
     }
 
-    /// Sends `peer` every record of `partitions` this pod has newer than it (or that it lacks).
-    async fn push_newer(&self, peer: &str, partitions: &[u32]) -> crate::error::Result<()> {
+    /// Sends `peer` every record of `partitions` this pod has newer than it (or that it lacks;
+    /// a tombstone past its grace period only to replace an older live copy, so a collected
+    /// tombstone is not sent back). Returns what the peer held before the pushes.
+    async fn push_newer(&self, peer: &str, partitions: &[u32]) -> crate::error::Result<HashMap<String, FileRecord>> {
         let mut client = self
             .client(peer)
             .ok_or_else(|| crate::error::BlobError::Unavailable(format!("no channel to {peer}")))?;
@@ -383,8 +414,10 @@ impl Cluster {
                 .into_iter()
                 .filter(|r| {
                     let owners = self.layout().placement.owners(key_partition(&r.key)).to_vec();
+                    let held = theirs.get(&r.key);
                     owners.iter().any(|o| o == peer)
-                        && theirs.get(&r.key).is_none_or(|t| {
+                        && (!self.tombstone_expired(r) || push_expired_tombstone(held))
+                        && held.is_none_or(|t| {
                             crate::store::replica::hlc_key(
                                 r.hlc.as_ref().map(crate::store::replica::hlc_from_wire).as_ref(),
                             ) > crate::store::replica::hlc_key(
@@ -411,6 +444,6 @@ impl Cluster {
                 break;
             }
         }
-        Ok(())
+        Ok(theirs)
     }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use peervault_proto::v1::{ChunkData, FileRecord, HasChunksRequest, PutRecordRequest};
+use peervault_proto::v1::{ChunkData, FileRecord, GetRecordRequest, HasChunksRequest, PutRecordRequest};
 
 use super::Cluster;
 use crate::{
@@ -69,6 +69,16 @@ impl Cluster {
         }
         let chunked = !rec.deleted && rec.inline_data.is_empty() && !rec.chunk_hashes.is_empty();
         if layout.is_self(target) {
+            if reason != "handoff" && self.tombstone_expired(&rec) {
+                // As below for a remote replica: not back where it was collected.
+                let (s, key) = (self.store().clone(), rec.key.clone());
+                let held = tokio::task::spawn_blocking(move || s.replica_record(&key, false))
+                    .await
+                    .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))??;
+                if !super::tombstones::push_expired_tombstone(held.as_ref()) {
+                    return Ok(false);
+                }
+            }
             if chunked {
                 for (h, &size) in rec.chunk_hashes.iter().zip(&rec.chunk_sizes) {
                     let Ok(hash) = <[u8; 32]>::try_from(h.as_ref()) else {
@@ -99,6 +109,20 @@ impl Cluster {
         let mut client = self
             .client(target)
             .ok_or_else(|| BlobError::Unavailable(format!("{target} is not in the membership view")))?;
+        if reason != "handoff" && self.tombstone_expired(&rec) {
+            // A tombstone past its grace period goes only where an older copy of the file
+            // still lives: a replica holding nothing has collected it already (sending it back,
+            // e.g. from a read's repair, would undo that) or never held the file. The hand-off
+            // queue still delivers it (its target missed the delete).
+            let held = self
+                .timed(client.get_record(GetRecordRequest { key: rec.key.clone() }))
+                .await
+                .map_err(|st| BlobError::Unavailable(format!("{target}: {}", st.message())))?
+                .record;
+            if !super::tombstones::push_expired_tombstone(held.as_ref()) {
+                return Ok(false);
+            }
+        }
         if chunked {
             let mut hashes: Vec<Bytes> = Vec::new();
             let mut sizes: Vec<u32> = Vec::new();

@@ -457,6 +457,32 @@ impl Store {
         Ok(())
     }
 
+    /// Collects the tombstone of `key` if it is still the one with clock `hlc` (a newer write
+    /// or delete since keeps its record), with its time-index entry. The cluster calls this
+    /// once every owner of the key's partition confirmed it holds the tombstone (or newer).
+    /// Returns whether it was removed.
+    pub async fn collect_tombstone(&self, key: &str, hlc: &Hlc) -> Result<bool> {
+        let key = key.to_string();
+        let want = hlc.clone();
+        let op: index::CustomOp = Box::new(move |txn| {
+            let cur = match txn.open_table(index::TOMBSTONES)?.get(key.as_str())? {
+                Some(v) => decode::<Tombstone>("tombstone", v.value())?,
+                None => return Ok(Reply::Applied(false, None)),
+            };
+            if cur.hlc.as_ref() != Some(&want) || txn.open_table(index::FILES)?.get(key.as_str())?.is_some() {
+                return Ok(Reply::Applied(false, None));
+            }
+            txn.open_table(index::TOMBSTONES)?.remove(key.as_str())?;
+            txn.open_table(index::TOMBSTONES_BY_TIME)?
+                .remove(index::time_key(cur.deleted_ns, key.as_bytes()).as_slice())?;
+            Ok(Reply::Applied(true, None))
+        });
+        match self.commit(Op::Custom(op)).await? {
+            Reply::Applied(removed, _) => Ok(removed),
+            other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// Records (tombstones included) in key order after `start_after`, with `prefix`, in
     /// `partitions` (empty: all), at most `limit`. Blocking.
     pub fn list_records(

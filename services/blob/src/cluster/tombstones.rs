@@ -1,0 +1,241 @@
+//! Tombstone collection (DESIGN.md: "deletes are tombstones, collected only after every replica
+//! holds them and a grace period has passed"). Anti-entropy records what every other owner of
+//! each partition was seen to hold in its round; afterwards a tombstone older than
+//! `--tombstone-grace` (by its clock) is dropped only when every current owner of its partition
+//! confirmed it holds it, a newer record, or nothing of the key (collected there already, or
+//! never held: either way it cannot bring the file back). An owner that still holds an older
+//! live copy (it was down during the delete) is not a confirmation: the tombstone is pushed to
+//! it first and collected in a later round. Nothing is collected while the placement is
+//! moving, while an owner is unreachable, or while this pod's hand-off queue still has an entry
+//! for the key.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use peervault_proto::v1::FileRecord;
+
+use super::{Cluster, Layout, handoff};
+use crate::{
+    error::{BlobError, Result},
+    store::replica::{hlc_from_wire, hlc_key},
+};
+
+/// What one other owner was seen to hold of one partition in an anti-entropy round.
+#[derive(Clone)]
+pub(super) enum Seen {
+    /// Its digest equalled this pod's: it holds exactly the same records.
+    InSync,
+    /// Its records of the partition, listed (before this round's pushes).
+    Listed(Arc<HashMap<String, FileRecord>>),
+}
+
+/// The confirmations one anti-entropy round gathered, by partition and peer.
+#[derive(Default)]
+pub(super) struct Confirmations {
+    seen: HashMap<u32, HashMap<String, Seen>>,
+    failed: HashSet<u32>,
+}
+
+impl Confirmations {
+    /// `peer` was seen holding `seen` of partition `p`.
+    pub(super) fn saw(&mut self, p: u32, peer: &str, seen: Seen) {
+        self.seen.entry(p).or_default().insert(peer.to_string(), seen);
+    }
+
+    /// `peer` could not be compared for these partitions: nothing of them is collected.
+    pub(super) fn failed(&mut self, parts: &[u32]) {
+        self.failed.extend(parts.iter().copied());
+    }
+}
+
+/// Whether a tombstone past its grace period should still be pushed to a peer that holds
+/// `theirs` of its key: only to replace an older live copy; a peer holding nothing has either
+/// collected it already (pushing it back would undo the collection) or never held the file.
+pub(super) fn push_expired_tombstone(theirs: Option<&FileRecord>) -> bool {
+    theirs.is_some()
+}
+
+/// Whether `seen` confirms that the peer can no longer bring back the file `tomb` deleted.
+fn confirms(seen: &Seen, tomb: &FileRecord) -> bool {
+    match seen {
+        Seen::InSync => true,
+        Seen::Listed(m) => match m.get(&tomb.key) {
+            None => true,
+            Some(t) => {
+                let theirs = t.hlc.as_ref().map(hlc_from_wire);
+                let mine = tomb.hlc.as_ref().map(hlc_from_wire);
+                hlc_key(theirs.as_ref()) >= hlc_key(mine.as_ref())
+            }
+        },
+    }
+}
+
+impl Cluster {
+    /// Whether `r` is a tombstone older than the grace period.
+    pub(super) fn tombstone_expired(&self, r: &FileRecord) -> bool {
+        let grace = self.inner.cfg.tombstone_grace.as_millis() as u64;
+        r.deleted
+            && r.hlc
+                .as_ref()
+                .is_some_and(|h| h.physical_ms.saturating_add(grace) < handoff::now_ms())
+    }
+
+    /// Collects the expired tombstones of the partitions this pod owns whose every other owner
+    /// confirmed them in `conf` (with no other owner, as when this pod is the only member,
+    /// after the grace period alone). Returns how many were collected.
+    pub(super) async fn collect_tombstones(&self, layout: &Layout, conf: &Confirmations) -> Result<usize> {
+        let Some(me) = layout.self_id.clone() else {
+            return Ok(0);
+        };
+        if layout.previous.is_some() {
+            return Ok(0); // data is moving: the owners to ask are not settled
+        }
+        let mut candidates = Vec::new();
+        for p in 0..crate::store::replica::PARTITIONS as u32 {
+            let owners = layout.placement.owners(p);
+            if !owners.contains(&me) || conf.failed.contains(&p) {
+                continue;
+            }
+            let seen = conf.seen.get(&p);
+            let others: Vec<&String> = owners.iter().filter(|o| **o != me).collect();
+            if others.iter().any(|o| seen.is_none_or(|s| !s.contains_key(*o))) {
+                continue; // an owner was not compared this round
+            }
+            let mut after = String::new();
+            loop {
+                let s = self.store().clone();
+                let a = after.clone();
+                let batch = tokio::task::spawn_blocking(move || s.list_records("", &a, &[p], 1000, false))
+                    .await
+                    .map_err(|e| BlobError::Unavailable(e.to_string()))??;
+                let n = batch.len();
+                if let Some(l) = batch.last() {
+                    after = l.key.clone();
+                }
+                for r in batch {
+                    if !self.tombstone_expired(&r) {
+                        continue;
+                    }
+                    let ok = others
+                        .iter()
+                        .all(|o| seen.and_then(|s| s.get(*o)).is_some_and(|s| confirms(s, &r)));
+                    if ok {
+                        candidates.push(r);
+                    }
+                }
+                if n < 1000 {
+                    break;
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // A hand-off entry for the key (its tombstone or an older write still to deliver)
+        // means some owner may not have the final word yet.
+        let q = self.inner.handoff.clone();
+        let queued: HashSet<String> = tokio::task::spawn_blocking(move || q.all())
+            .await
+            .map_err(|e| BlobError::Unavailable(e.to_string()))??
+            .into_iter()
+            .filter_map(|e| e.record.map(|r| r.key))
+            .collect();
+        let mut collected = 0;
+        for r in candidates {
+            if queued.contains(&r.key) {
+                continue;
+            }
+            let Some(h) = r.hlc.as_ref().map(hlc_from_wire) else {
+                continue;
+            };
+            if self.store().collect_tombstone(&r.key, &h).await? {
+                collected += 1;
+                tracing::debug!(key = %r.key, "tombstone collected");
+            }
+        }
+        if collected > 0 {
+            self.inner.metrics.tombstones_collected.inc_by(collected as u64);
+            tracing::info!(
+                collected,
+                grace = ?self.inner.cfg.tombstone_grace,
+                "tombstones collected: every owner holds them and the grace period passed"
+            );
+        }
+        Ok(collected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use peervault_proto::v1::HybridTimestamp;
+
+    use super::*;
+
+    fn rec(key: &str, ms: u64, deleted: bool) -> FileRecord {
+        FileRecord {
+            key: key.into(),
+            deleted,
+            blob_key: Bytes::from_static(&[0; 32]),
+            hlc: Some(HybridTimestamp {
+                physical_ms: ms,
+                logical: 0,
+                node_id: "a".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_store_collects_a_tombstone_only_while_it_is_the_one_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(
+            dir.path(),
+            crate::config::BlobConfig::default(),
+            crate::metrics::BlobMetrics::new(None).unwrap(),
+        )
+        .unwrap();
+        let tomb = rec("k", 100, true);
+        assert!(store.apply_record(tomb.clone(), None).await.unwrap().0);
+        let h = hlc_from_wire(tomb.hlc.as_ref().unwrap());
+        let other = crate::store::records::Hlc {
+            physical_ms: 99,
+            ..h.clone()
+        };
+        // Another clock (a newer delete replaced the confirmed one): kept.
+        assert!(!store.collect_tombstone("k", &other).await.unwrap());
+        assert!(store.replica_record("k", false).unwrap().is_some_and(|r| r.deleted));
+        assert!(store.collect_tombstone("k", &h).await.unwrap());
+        assert!(store.replica_record("k", false).unwrap().is_none());
+        // Nothing left: nothing to collect.
+        assert!(!store.collect_tombstone("k", &h).await.unwrap());
+    }
+
+    #[test]
+    fn only_an_owner_holding_an_older_live_copy_withholds_confirmation() {
+        let tomb = rec("k", 100, true);
+        assert!(confirms(&Seen::InSync, &tomb));
+        let listed = |r: Option<FileRecord>| {
+            let mut m = HashMap::new();
+            if let Some(r) = r {
+                m.insert(r.key.clone(), r);
+            }
+            Seen::Listed(Arc::new(m))
+        };
+        assert!(
+            confirms(&listed(None), &tomb),
+            "nothing of the key: collected or never held"
+        );
+        assert!(confirms(&listed(Some(tomb.clone())), &tomb), "holds the tombstone");
+        assert!(
+            confirms(&listed(Some(rec("k", 200, false))), &tomb),
+            "holds a newer write"
+        );
+        assert!(!confirms(&listed(Some(rec("k", 50, false))), &tomb), "older live copy");
+        // The older live copy gets the tombstone pushed; a peer with nothing does not.
+        assert!(push_expired_tombstone(Some(&rec("k", 50, false))));
+        assert!(!push_expired_tombstone(None));
+    }
+}
