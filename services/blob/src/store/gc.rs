@@ -1,5 +1,5 @@
-//! Garbage collection of unreferenced chunks, expired uploads and tombstones, and the orphan
-//! scan. Every pass is bounded: the queues are time-ordered, each commit takes at most a capped
+//! Garbage collection of unreferenced chunks, expired uploads and tombstones, the orphan
+//! scan, and (each pass) segment compaction (`segments.rs`). Every pass is bounded: the queues are time-ordered, each commit takes at most a capped
 //! batch (puts interleave between batches), and the orphan scan covers a few chunk folders per
 //! call, resuming where the last call stopped.
 
@@ -39,6 +39,9 @@ impl Store {
         tokio::task::spawn_blocking(move || s.scan_orphans(1))
             .await
             .map_err(|e| BlobError::Unavailable(format!("orphan scan task failed: {e}")))??;
+        // Dead bytes in segments (collected chunks, abandoned uploads) are reclaimed here, a
+        // bounded amount per pass.
+        self.compact_segments().await?;
         Ok((total_chunks, total_bytes))
     }
 
