@@ -32,6 +32,9 @@ pub trait SegmentFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// The file's current length.
     fn len(&self) -> io::Result<u64>;
+    /// Gives the space of a dead range back to the file system (the length stays); a file
+    /// system without hole punching keeps the bytes until compaction.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
 }
 
 /// The file-system operations of the engine.
@@ -95,6 +98,19 @@ impl SegmentFile for OsSegment {
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::FallocateFlags;
+        match rustix::fs::fallocate(
+            &self.0,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -45,7 +45,8 @@ impl Store {
         Ok((total_chunks, total_bytes))
     }
 
-    async fn gc_batch(&self) -> Result<(usize, u64, bool)> {
+    /// One GC commit and its unlinks (no compaction, no orphan scan).
+    pub(super) async fn gc_batch(&self) -> Result<(usize, u64, bool)> {
         let cfg = &self.inner.cfg;
         let nanos = |d: std::time::Duration| d.as_nanos().min(i64::MAX as u128) as i64;
         let reply = self
@@ -59,6 +60,7 @@ impl Store {
             .await?;
         let Reply::Collected {
             files,
+            holes,
             inline,
             bytes,
             expired,
@@ -77,6 +79,11 @@ impl Store {
                 // A commit since the GC transaction may have re-created the chunk: the unlink
                 // re-checks the record (and pins) under the pin lock.
                 let _ = store.unlink_if_unreferenced(&hash);
+            }
+            // Dead ranges of segments give their space back now (a full volume recovers
+            // without waiting for compaction), under the same rule.
+            for (hash, loc, size) in holes {
+                let _ = store.punch_if_unreferenced(&hash, &loc, size);
             }
         })
         .await

@@ -271,6 +271,8 @@ pub(crate) enum Reply {
     /// Collected chunk files to unlink (hash, bytes), and uploads expired.
     Collected {
         files: Vec<([u8; 32], u64)>,
+        /// Collected chunks in segments: their ranges' space can be given back.
+        holes: Vec<([u8; 32], SegLoc, u32)>,
         inline: usize,
         bytes: u64,
         expired: usize,
@@ -861,7 +863,7 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             };
             let mut files = Vec::new();
             let mut inline = 0;
-            let mut segment_chunks = 0;
+            let mut holes = Vec::new();
             let mut bytes = 0u64;
             for (tk, hash) in due {
                 if pinned.contains(&hash) {
@@ -883,7 +885,7 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 } else if let Some(l) = &rec.loc {
                     // Dead bytes in its segment from now on; compaction reclaims them.
                     loc_remove(txn, l, rec.size)?;
-                    segment_chunks += 1;
+                    holes.push((hash, *l, rec.size));
                 } else {
                     files.push((hash, rec.size as u64));
                 }
@@ -893,7 +895,8 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             }
             Ok(Reply::Collected {
                 files,
-                inline: inline + segment_chunks,
+                inline: inline + holes.len(),
+                holes,
                 bytes,
                 expired: expired.len(),
                 tombstones: tombs.len(),

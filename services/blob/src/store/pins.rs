@@ -170,6 +170,21 @@ impl Store {
         }
     }
 
+    /// Gives back the space of a collected chunk's range in its segment if no holder pins the
+    /// chunk and the index does not point at that range again, deciding under the pin lock
+    /// like [`Store::unlink_if_unreferenced`]. Blocking.
+    pub(crate) fn punch_if_unreferenced(&self, hash: &[u8; 32], loc: &SegLoc, size: u32) -> Result<bool> {
+        let pins = self.pin_table();
+        // A place holds one chunk, so a pin of the chunk covers every pin of the place.
+        if pins.pins_chunk(hash) {
+            return Ok(false);
+        }
+        if self.chunk_record(hash)?.is_some_and(|r| r.loc == Some(*loc)) {
+            return Ok(false);
+        }
+        Ok(self.punch_segment(loc, size))
+    }
+
     /// Pins a blob's chunks for the duration of a read so GC cannot remove them mid-stream.
     pub fn pin_blob(&self, blob: &BlobRec) -> ReadPin {
         let mut pins = Pins::new(self);

@@ -227,6 +227,34 @@ impl Store {
         f.write_all_at(&b, off).unwrap();
     }
 
+    /// Gives back the space of a dead range (best effort: compaction reclaims it anyway).
+    /// Blocking.
+    pub(crate) fn punch_segment(&self, loc: &SegLoc, size: u32) -> bool {
+        let file = self.seg_table().files.get(&loc.segment).map(|i| i.file.clone());
+        let Some(file) = file else { return false };
+        match file.punch_hole(loc.offset, size as u64) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(segment = loc.segment, error = %e, "cannot punch a dead range");
+                false
+            }
+        }
+    }
+
+    /// Takes an idle segment out of the pool and seals it; `false` if a writer took it.
+    fn take_from_pool(&self, id: u64) -> bool {
+        let mut t = self.seg_table();
+        let Some(i) = t.pool.iter().position(|w| w.id == id) else {
+            return false;
+        };
+        let w = t.pool.swap_remove(i);
+        if let Some(info) = t.files.get_mut(&id) {
+            info.len = info.len.max(w.end);
+            info.open = false;
+        }
+        true
+    }
+
     /// Reads `size` bytes at `loc` (not verified). Blocking.
     pub(crate) fn read_segment(&self, loc: &SegLoc, size: u32) -> std::io::Result<Bytes> {
         let file = self.seg_table().files.get(&loc.segment).map(|i| i.file.clone());
@@ -301,25 +329,33 @@ impl Store {
     /// Sealed segments worth compacting, emptiest first, with their live bytes; publishes the
     /// segment and dead-byte gauges. Blocking.
     fn compaction_plan(&self) -> Result<Vec<(u64, u64)>> {
-        let segs: Vec<(u64, u64, bool)> = self
-            .seg_table()
-            .files
-            .iter()
-            .map(|(id, i)| (*id, i.len, i.open))
-            .collect();
+        let segs: Vec<(u64, u64, bool, bool)> = {
+            let t = self.seg_table();
+            t.files
+                .iter()
+                .map(|(id, i)| (*id, i.len, i.open, t.pool.iter().any(|w| w.id == *id)))
+                .collect()
+        };
         let txn = self.inner.db.begin_read()?;
         let live_t = txn.open_table(SEGMENT_LIVE)?;
         let mut dead_total = 0u64;
         let mut plan = Vec::new();
-        for (id, len, open) in &segs {
+        for (id, len, open, pooled) in &segs {
             let live = live_t.get(*id)?.map(|v| v.value()).unwrap_or(0);
             let dead = len.saturating_sub(live);
             dead_total += dead;
-            if *open {
+            // A segment a writer holds is never compacted; an idle one in the pool is taken out
+            // of it (sealed) when it qualifies.
+            if *open && !*pooled {
                 continue;
             }
-            if live == 0 || (*len > 0 && dead as f64 / *len as f64 >= COMPACT_DEAD_RATIO) {
+            if (live == 0 && *len > 0) || (*len > 0 && dead as f64 / *len as f64 >= COMPACT_DEAD_RATIO) {
+                if *open && !self.take_from_pool(*id) {
+                    continue;
+                }
                 plan.push((*id, live, dead as f64 / (*len).max(1) as f64));
+            } else if live == 0 && !*open {
+                plan.push((*id, live, 1.0));
             }
         }
         let m = &self.inner.metrics;

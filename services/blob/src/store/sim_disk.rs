@@ -289,6 +289,19 @@ impl super::disk::SegmentFile for SimSegment {
         s.tick()?;
         Ok(s.inodes.get(&self.ino).map(|i| i.data.len() as u64).unwrap_or(0))
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Zeros where the range was (within the file; the length stays), not durable until the
+        // next sync, like any write.
+        let n = {
+            let s = self.disk.lock();
+            let flen = s.inodes.get(&self.ino).map(|i| i.data.len() as u64).unwrap_or(0);
+            offset.saturating_add(len).min(flen).saturating_sub(offset)
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        self.write_at(offset, &vec![0; n as usize])
+    }
 }
 
 impl Disk for SimDisk {
