@@ -32,6 +32,10 @@ pub trait SegmentFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// The file's current length.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Gives the space of a dead range back to the file system (the length stays); a file
     /// system without hole punching keeps the bytes until compaction.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;

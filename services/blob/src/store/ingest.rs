@@ -334,14 +334,14 @@ impl Ingest {
     /// Where the current chunk's bytes go: the ingest's segment (taken now if need be, or a
     /// new one once the current is full), with whatever of the chunk is still in memory.
     fn start_chunk(&mut self) -> Result<()> {
-        if self.seg.as_ref().is_some_and(|w| w.end >= SEGMENT_MAX) {
-            if let Some(w) = self.seg.take() {
-                if self.dirty {
-                    self.to_sync.push(w.file.clone());
-                    self.dirty = false;
-                }
-                self.store.put_writer(w, true);
+        if self.seg.as_ref().is_some_and(|w| w.end >= SEGMENT_MAX)
+            && let Some(w) = self.seg.take()
+        {
+            if self.dirty {
+                self.to_sync.push(w.file.clone());
+                self.dirty = false;
             }
+            self.store.put_writer(w, true);
         }
         if self.seg.is_none() {
             self.seg = Some(self.store.take_writer()?);

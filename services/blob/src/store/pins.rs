@@ -11,12 +11,15 @@ use super::{
 };
 use crate::error::Result;
 
+/// A pinned chunk: its holders, and where (and how long) a writer last pinned it.
+type ChunkPin = (usize, Option<(SegLoc, u32)>);
+
 /// Every pin: per chunk the number of holders and the latest segment place a writer pinned it
 /// at (where an uncommitted chunk can be read), and per segment the number of pins in it (a
 /// pinned segment is never deleted by compaction).
 #[derive(Default)]
 pub(crate) struct PinTable {
-    chunks: HashMap<[u8; 32], (usize, Option<(SegLoc, u32)>)>,
+    chunks: HashMap<[u8; 32], ChunkPin>,
     segments: HashMap<u64, usize>,
 }
 

@@ -349,7 +349,7 @@ impl Store {
             if *open && !*pooled {
                 continue;
             }
-            if (live == 0 && *len > 0) || (*len > 0 && dead as f64 / *len as f64 >= COMPACT_DEAD_RATIO) {
+            if *len > 0 && (live == 0 || dead as f64 / *len as f64 >= COMPACT_DEAD_RATIO) {
                 if *open && !self.take_from_pool(*id) {
                     continue;
                 }
