@@ -161,12 +161,31 @@ async fn graviton_upload(
     Err(Status::unknown("upload stream ended without completion"))
 }
 
-fn chunk_files(data_dir: &Path) -> usize {
-    let mut n = 0;
-    for sub in std::fs::read_dir(data_dir.join("blob/chunks")).unwrap() {
-        n += std::fs::read_dir(sub.unwrap().path()).unwrap().count();
+/// Unique chunks the store holds (its index's count).
+fn stored_chunks(node: &Node) -> usize {
+    node.metric("peervault_blob_chunks", &[]).unwrap_or(0.0) as usize
+}
+
+/// Bytes in the segment files (where uploaded chunks are appended).
+fn segment_bytes(data_dir: &Path) -> u64 {
+    std::fs::read_dir(data_dir.join("blob/segments"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// Flips one bit of the stored bytes that start with `needle` (in a segment file).
+fn flip_stored_byte(data_dir: &Path, needle: &[u8], at: usize) {
+    for e in std::fs::read_dir(data_dir.join("blob/segments")).unwrap() {
+        let path = e.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[pos + at] ^= 0x40;
+            std::fs::write(&path, bytes).unwrap();
+            return;
+        }
     }
-    n
+    panic!("stored bytes not found");
 }
 
 fn tmp_files(data_dir: &Path) -> usize {
@@ -234,7 +253,8 @@ async fn a_100_mib_file_round_trips_with_the_default_chunk_size() {
     assert!(acks.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(*acks.last().unwrap(), content.len() as u64);
     // Same content again: stored once.
-    assert_eq!(chunk_files(&node.data_dir), 100);
+    assert_eq!(stored_chunks(&node), 100);
+    assert!(segment_bytes(&node.data_dir) <= 101 * 1024 * 1024);
 }
 
 #[tokio::test]
@@ -331,7 +351,9 @@ async fn equal_content_under_two_keys_is_one_copy_on_disk() {
     let a = upload(&ch, "a", &content).await.unwrap();
     let b = upload(&ch, "b", &content).await.unwrap();
     assert_eq!(a.hash, b.hash);
-    assert_eq!(chunk_files(&node.data_dir), 4);
+    assert_eq!(stored_chunks(&node), 4);
+    // The second upload appended nothing that stays (a given-back chunk at most).
+    assert!(segment_bytes(&node.data_dir) <= 5 * SMALL_CHUNK as u64);
     assert_eq!(
         node.metric("peervault_blob_storage_used_bytes", &[]),
         Some(content.len() as f64)
@@ -604,10 +626,7 @@ async fn a_flipped_byte_on_disk_is_reported_as_data_loss() {
     let content = data(5, 2 * SMALL_CHUNK);
     upload(&ch, "victim", &content).await.unwrap();
     let second = blake3::hash(&content[SMALL_CHUNK..]).to_hex().to_string();
-    let path = node.data_dir.join("blob/chunks").join(&second[..2]).join(&second);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[100] ^= 0x40;
-    std::fs::write(&path, bytes).unwrap();
+    flip_stored_byte(&node.data_dir, &content[SMALL_CHUNK..SMALL_CHUNK + 64], 100);
     let st = download(&ch, "victim").await.unwrap_err();
     assert_eq!(st.code(), Code::DataLoss, "{st:?}");
     assert!(st.message().contains(&second), "{}", st.message());
@@ -632,7 +651,7 @@ async fn concurrent_uploads_of_the_same_content_and_the_same_key() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(chunk_files(&node.data_dir), 4);
+    assert_eq!(stored_chunks(&node), 4);
     let contents: Vec<Vec<u8>> = (0..8).map(|i| data(200 + i, SMALL_CHUNK * 2 + i as usize)).collect();
     let mut tasks = Vec::new();
     for c in contents.clone() {
@@ -720,7 +739,7 @@ async fn bad_input_gets_its_status_and_changes_nothing() {
         (
             n.metric("peervault_blob_files", &[]),
             n.metric("peervault_blob_storage_used_bytes", &[]),
-            chunk_files(&n.data_dir),
+            stored_chunks(n),
         )
     };
     let before = snapshot(&node);

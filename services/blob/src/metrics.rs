@@ -48,6 +48,16 @@ pub mod names {
     pub const TOMBSTONES_EXPIRED_TOTAL: &str = "peervault_blob_tombstones_expired_total";
     /// Resumable upload sessions ended because a newer session took the upload id over.
     pub const UPLOAD_SESSIONS_SUPERSEDED_TOTAL: &str = "peervault_blob_upload_sessions_superseded_total";
+    /// Segment files holding chunks of large objects.
+    pub const SEGMENTS: &str = "peervault_blob_segments";
+    /// Bytes in segment files the index no longer references (reclaimed by compaction).
+    pub const SEGMENT_DEAD_BYTES: &str = "peervault_blob_segment_dead_bytes";
+    /// Compaction passes that moved chunks or freed segments.
+    pub const COMPACTION_RUNS_TOTAL: &str = "peervault_blob_compaction_runs_total";
+    /// Live chunk bytes copied by compaction.
+    pub const COMPACTION_BYTES_TOTAL: &str = "peervault_blob_compaction_bytes_total";
+    /// Segment files deleted by compaction.
+    pub const SEGMENTS_FREED_TOTAL: &str = "peervault_blob_segments_freed_total";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -73,6 +83,11 @@ pub mod names {
         VOLUME_FULL_TOTAL,
         TOMBSTONES_EXPIRED_TOTAL,
         UPLOAD_SESSIONS_SUPERSEDED_TOTAL,
+        SEGMENTS,
+        SEGMENT_DEAD_BYTES,
+        COMPACTION_RUNS_TOTAL,
+        COMPACTION_BYTES_TOTAL,
+        SEGMENTS_FREED_TOTAL,
     ];
 }
 
@@ -123,6 +138,16 @@ pub struct BlobMetrics {
     pub tombstones_expired: IntCounter,
     /// See [`names::UPLOAD_SESSIONS_SUPERSEDED_TOTAL`].
     pub sessions_superseded: IntCounter,
+    /// See [`names::SEGMENTS`].
+    pub segments: IntGauge,
+    /// See [`names::SEGMENT_DEAD_BYTES`].
+    pub segment_dead_bytes: IntGauge,
+    /// See [`names::COMPACTION_RUNS_TOTAL`].
+    pub compaction_runs: IntCounter,
+    /// See [`names::COMPACTION_BYTES_TOTAL`].
+    pub compaction_bytes: IntCounter,
+    /// See [`names::SEGMENTS_FREED_TOTAL`].
+    pub segments_freed: IntCounter,
 }
 
 impl BlobMetrics {
@@ -176,6 +201,17 @@ impl BlobMetrics {
                 names::UPLOAD_SESSIONS_SUPERSEDED_TOTAL,
                 "Upload sessions ended by a newer session on the same upload id.",
             )?,
+            segments: IntGauge::new(names::SEGMENTS, "Segment files holding chunks of large objects.")?,
+            segment_dead_bytes: IntGauge::new(
+                names::SEGMENT_DEAD_BYTES,
+                "Bytes in segment files the index no longer references.",
+            )?,
+            compaction_runs: IntCounter::new(
+                names::COMPACTION_RUNS_TOTAL,
+                "Compaction passes that moved chunks or freed segments.",
+            )?,
+            compaction_bytes: IntCounter::new(names::COMPACTION_BYTES_TOTAL, "Live chunk bytes copied by compaction.")?,
+            segments_freed: IntCounter::new(names::SEGMENTS_FREED_TOTAL, "Segment files deleted by compaction.")?,
         };
         if let Some(r) = registry {
             r.register(Box::new(m.bytes_written.clone()))?;
@@ -200,6 +236,11 @@ impl BlobMetrics {
             r.register(Box::new(m.volume_full.clone()))?;
             r.register(Box::new(m.tombstones_expired.clone()))?;
             r.register(Box::new(m.sessions_superseded.clone()))?;
+            r.register(Box::new(m.segments.clone()))?;
+            r.register(Box::new(m.segment_dead_bytes.clone()))?;
+            r.register(Box::new(m.compaction_runs.clone()))?;
+            r.register(Box::new(m.compaction_bytes.clone()))?;
+            r.register(Box::new(m.segments_freed.clone()))?;
         }
         Ok(m)
     }

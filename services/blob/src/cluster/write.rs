@@ -153,9 +153,9 @@ impl Replicator {
             let data = match &c.inline {
                 Some(d) => d.clone(),
                 None => {
-                    let path = self.cluster.store().chunk_path(&c.hash);
-                    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
-                        Ok(Ok(d)) => Bytes::from(d),
+                    let (s, h) = (self.cluster.store().clone(), c.hash);
+                    match tokio::task::spawn_blocking(move || s.read_chunk_any(&h)).await {
+                        Ok(Ok(d)) => d,
                         _ => {
                             // Without the local copy no replica gets this chunk now.
                             for s in &mut self.streams {

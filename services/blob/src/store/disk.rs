@@ -20,6 +20,27 @@ pub trait DiskFile: Send {
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
+/// A segment file: chunks written at offsets (each writer owns its range), read back at
+/// offsets by anyone. Every method takes `&self` so one open handle serves the writer and all
+/// readers (`pwrite`/`pread`).
+pub trait SegmentFile: Send + Sync {
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Makes what was written durable (data and the file's length).
+    fn sync_data(&self) -> io::Result<()>;
+    /// The file's current length.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Gives the space of a dead range back to the file system (the length stays); a file
+    /// system without hole punching keeps the bytes until compaction.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
 /// The file-system operations of the engine.
 pub trait Disk: Send + Sync + std::fmt::Debug + 'static {
     /// Creates a directory and its parents.
@@ -46,6 +67,8 @@ pub trait Disk: Send + Sync + std::fmt::Debug + 'static {
     fn free_bytes(&self, path: &Path) -> Option<u64>;
     /// Size of the volume holding `path` (`None`: unknown).
     fn total_bytes(&self, path: &Path) -> Option<u64>;
+    /// Opens a segment file for reading and writing; `create`: a new one (it must not exist).
+    fn open_segment(&self, path: &Path, create: bool) -> io::Result<std::sync::Arc<dyn SegmentFile>>;
     /// Opens (or creates) the index database at `path`.
     fn open_index(&self, path: &Path, builder: &Builder) -> Result<Database, DatabaseError>;
 }
@@ -62,6 +85,36 @@ impl DiskFile for OsFile {
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.0.sync_data()
+    }
+}
+
+struct OsSegment(File);
+
+impl SegmentFile for OsSegment {
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::FallocateFlags;
+        match rustix::fs::fallocate(
+            &self.0,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -111,6 +164,14 @@ impl Disk for OsDisk {
         rustix::fs::statvfs(path)
             .ok()
             .map(|s| s.f_blocks.saturating_mul(s.f_frsize))
+    }
+    fn open_segment(&self, path: &Path, create: bool) -> io::Result<std::sync::Arc<dyn SegmentFile>> {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .open(path)?;
+        Ok(std::sync::Arc::new(OsSegment(f)))
     }
     fn open_index(&self, path: &Path, builder: &Builder) -> Result<Database, DatabaseError> {
         builder.create(path)

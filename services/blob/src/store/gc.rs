@@ -1,5 +1,5 @@
-//! Garbage collection of unreferenced chunks, expired uploads and tombstones, and the orphan
-//! scan. Every pass is bounded: the queues are time-ordered, each commit takes at most a capped
+//! Garbage collection of unreferenced chunks, expired uploads and tombstones, the orphan
+//! scan, and (each pass) segment compaction (`segments.rs`). Every pass is bounded: the queues are time-ordered, each commit takes at most a capped
 //! batch (puts interleave between batches), and the orphan scan covers a few chunk folders per
 //! call, resuming where the last call stopped.
 
@@ -39,10 +39,14 @@ impl Store {
         tokio::task::spawn_blocking(move || s.scan_orphans(1))
             .await
             .map_err(|e| BlobError::Unavailable(format!("orphan scan task failed: {e}")))??;
+        // Dead bytes in segments (collected chunks, abandoned uploads) are reclaimed here, a
+        // bounded amount per pass.
+        self.compact_segments().await?;
         Ok((total_chunks, total_bytes))
     }
 
-    async fn gc_batch(&self) -> Result<(usize, u64, bool)> {
+    /// One GC commit and its unlinks (no compaction, no orphan scan).
+    pub(super) async fn gc_batch(&self) -> Result<(usize, u64, bool)> {
         let cfg = &self.inner.cfg;
         let nanos = |d: std::time::Duration| d.as_nanos().min(i64::MAX as u128) as i64;
         let reply = self
@@ -56,6 +60,7 @@ impl Store {
             .await?;
         let Reply::Collected {
             files,
+            holes,
             inline,
             bytes,
             expired,
@@ -74,6 +79,11 @@ impl Store {
                 // A commit since the GC transaction may have re-created the chunk: the unlink
                 // re-checks the record (and pins) under the pin lock.
                 let _ = store.unlink_if_unreferenced(&hash);
+            }
+            // Dead ranges of segments give their space back now (a full volume recovers
+            // without waiting for compaction), under the same rule.
+            for (hash, loc, size) in holes {
+                let _ = store.punch_if_unreferenced(&hash, &loc, size);
             }
         })
         .await

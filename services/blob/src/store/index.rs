@@ -12,7 +12,7 @@ use prost::Message;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use super::records::{BlobRec, ChunkRec, FileRec, Tombstone, UploadChunkRec, UploadRec, decode};
+use super::records::{BlobRec, ChunkRec, FileRec, SegLoc, Tombstone, UploadChunkRec, UploadRec, decode};
 use crate::error::{BlobError, Result};
 
 pub(crate) const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
@@ -73,6 +73,44 @@ pub(crate) fn upload_rows<T: ReadableTable<&'static str, &'static [u8]>>(
     Ok(out)
 }
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Bytes of chunks the index references in each segment file: segment id → live bytes. A
+/// segment without a row holds nothing the index references.
+pub(crate) const SEGMENT_LIVE: TableDefinition<u64, u64> = TableDefinition::new("segment_live");
+/// The chunks of each segment in offset order: (segment, offset) big-endian → chunk hash, for
+/// compaction to find what is live in a segment without scanning every chunk record.
+pub(crate) const SEGMENT_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("segment_chunks");
+
+/// The key of a chunk in [`SEGMENT_CHUNKS`].
+pub(crate) fn seg_key(loc: &SegLoc) -> [u8; 16] {
+    let mut k = [0; 16];
+    k[..8].copy_from_slice(&loc.segment.to_be_bytes());
+    k[8..].copy_from_slice(&loc.offset.to_be_bytes());
+    k
+}
+
+/// A chunk's bytes now count as live in its segment.
+fn loc_add(txn: &WriteTransaction, loc: &SegLoc, hash: &[u8], size: u32) -> Result<()> {
+    let mut live = txn.open_table(SEGMENT_LIVE)?;
+    let cur = live.get(loc.segment)?.map(|v| v.value()).unwrap_or(0);
+    live.insert(loc.segment, cur + size as u64)?;
+    txn.open_table(SEGMENT_CHUNKS)?.insert(&seg_key(loc)[..], hash)?;
+    Ok(())
+}
+
+/// A chunk's bytes are dead in its segment (compaction reclaims them); a segment with nothing
+/// live loses its row.
+fn loc_remove(txn: &WriteTransaction, loc: &SegLoc, size: u32) -> Result<()> {
+    let mut live = txn.open_table(SEGMENT_LIVE)?;
+    let cur = live.get(loc.segment)?.map(|v| v.value()).unwrap_or(0);
+    let next = cur.saturating_sub(size as u64);
+    if next == 0 {
+        live.remove(loc.segment)?;
+    } else {
+        live.insert(loc.segment, next)?;
+    }
+    txn.open_table(SEGMENT_CHUNKS)?.remove(&seg_key(loc)[..])?;
+    Ok(())
+}
 
 /// Counters kept in [`META`].
 pub(crate) mod meta {
@@ -94,6 +132,24 @@ pub struct ChunkMeta {
     pub size: u32,
     /// Content kept in the index instead of a file (small objects).
     pub inline: Option<Bytes>,
+    /// Where the chunk's durable bytes are in a segment (`None`: inline, or a per-chunk file).
+    pub loc: Option<SegLoc>,
+    /// The stored copy failed verification: the record moves to `loc`, this new copy.
+    pub repair: bool,
+}
+
+impl ChunkMeta {
+    /// A chunk known by hash and size only (its bytes are wherever the index says, or a
+    /// per-chunk file).
+    pub fn new(hash: [u8; 32], size: u32) -> ChunkMeta {
+        ChunkMeta {
+            hash,
+            size,
+            inline: None,
+            loc: None,
+            repair: false,
+        }
+    }
 }
 
 /// A blob about to be referenced.
@@ -181,6 +237,11 @@ pub(crate) enum Op {
         tombstone_expiry_ns: i64,
         pinned: HashSet<[u8; 32]>,
     },
+    /// Compaction: chunks copied (durably) from `from` to `to`; each moves only if its record
+    /// still points at `from`.
+    Relocate {
+        moves: Vec<([u8; 32], SegLoc, SegLoc)>,
+    },
     /// An operation composed elsewhere in the store (replica: apply a record if newer) from
     /// [`apply`] and the tables, committed in the same batches as everything else.
     Custom(CustomOp),
@@ -210,6 +271,8 @@ pub(crate) enum Reply {
     /// Collected chunk files to unlink (hash, bytes), and uploads expired.
     Collected {
         files: Vec<([u8; 32], u64)>,
+        /// Collected chunks in segments: their ranges' space can be given back.
+        holes: Vec<([u8; 32], SegLoc, u32)>,
         inline: usize,
         bytes: u64,
         expired: usize,
@@ -219,6 +282,8 @@ pub(crate) enum Reply {
     },
     /// A replicated record: whether it was applied, and the live file it replaced.
     Applied(bool, Option<FileRec>),
+    /// Compaction: chunks and bytes whose records moved.
+    Moved(usize, u64),
     Done,
 }
 
@@ -254,14 +319,21 @@ fn chunk_ref(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
             }
             rec.refs += 1;
             chunks.insert(&c.hash[..], rec.encode_to_vec().as_slice())?;
+            drop(chunks);
+            chunk_repair(txn, c)?;
         }
         None => {
+            let loc = if c.inline.is_some() { None } else { c.loc };
             let rec = ChunkRec {
                 refs: 1,
                 size: c.size,
                 inline: c.inline.is_some(),
+                loc,
             };
             chunks.insert(&c.hash[..], rec.encode_to_vec().as_slice())?;
+            if let Some(l) = &loc {
+                loc_add(txn, l, &c.hash, c.size)?;
+            }
             if let Some(data) = &c.inline {
                 txn.open_table(INLINE)?.insert(&c.hash[..], data.as_ref())?;
             }
@@ -270,6 +342,30 @@ fn chunk_ref(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
             meta_add(txn, meta::CHUNK_COUNT, 1)?;
         }
     }
+    Ok(())
+}
+
+/// A new copy written because the stored one failed verification takes the stored one's place
+/// (whether or not the content's blob exists already).
+fn chunk_repair(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
+    let (true, Some(new)) = (c.repair, c.loc) else {
+        return Ok(());
+    };
+    let mut chunks = txn.open_table(CHUNKS)?;
+    let Some(bytes) = chunks.get(&c.hash[..])?.map(|v| v.value().to_vec()) else {
+        return Ok(());
+    };
+    let mut rec: ChunkRec = decode("chunk", &bytes)?;
+    if rec.inline || rec.loc == Some(new) {
+        return Ok(());
+    }
+    let old = rec.loc.replace(new);
+    chunks.insert(&c.hash[..], rec.encode_to_vec().as_slice())?;
+    drop(chunks);
+    if let Some(old) = old {
+        loc_remove(txn, &old, rec.size)?;
+    }
+    loc_add(txn, &new, &c.hash, rec.size)?;
     Ok(())
 }
 
@@ -332,6 +428,10 @@ fn blob_ref_file(txn: &WriteTransaction, b: &NewBlob, now_ns: i64) -> Result<()>
             let mut rec: BlobRec = decode("blob", &bytes)?;
             rec.file_refs += 1;
             blobs.insert(&b.key[..], rec.encode_to_vec().as_slice())?;
+            drop(blobs);
+            for c in b.chunks.iter().filter(|c| c.repair) {
+                chunk_repair(txn, c)?;
+            }
         }
         None => {
             let rec = new_blob_rec(b, now_ns, 1, false);
@@ -651,6 +751,26 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             };
             Ok(Reply::Blob(out))
         }
+        Op::Relocate { moves } => {
+            let (mut n, mut bytes) = (0, 0u64);
+            for (hash, from, to) in moves {
+                let cur = txn.open_table(CHUNKS)?.get(&hash[..])?.map(|v| v.value().to_vec());
+                let Some(cur) = cur else { continue };
+                let mut rec: ChunkRec = decode("chunk", &cur)?;
+                if rec.loc != Some(from) {
+                    // Collected or moved since the copy was made: the copy is dead bytes.
+                    continue;
+                }
+                rec.loc = Some(to);
+                txn.open_table(CHUNKS)?
+                    .insert(&hash[..], rec.encode_to_vec().as_slice())?;
+                loc_remove(txn, &from, rec.size)?;
+                loc_add(txn, &to, &hash, rec.size)?;
+                n += 1;
+                bytes += rec.size as u64;
+            }
+            Ok(Reply::Moved(n, bytes))
+        }
         Op::AbortUpload { id, session, now_ns } => {
             let rec = get_upload(txn, &id)?;
             if session.is_some_and(|s| s != rec.session) {
@@ -743,6 +863,7 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             };
             let mut files = Vec::new();
             let mut inline = 0;
+            let mut holes = Vec::new();
             let mut bytes = 0u64;
             for (tk, hash) in due {
                 if pinned.contains(&hash) {
@@ -761,6 +882,10 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 if rec.inline {
                     txn.open_table(INLINE)?.remove(&hash[..])?;
                     inline += 1;
+                } else if let Some(l) = &rec.loc {
+                    // Dead bytes in its segment from now on; compaction reclaims them.
+                    loc_remove(txn, l, rec.size)?;
+                    holes.push((hash, *l, rec.size));
                 } else {
                     files.push((hash, rec.size as u64));
                 }
@@ -770,7 +895,8 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             }
             Ok(Reply::Collected {
                 files,
-                inline,
+                inline: inline + holes.len(),
+                holes,
                 bytes,
                 expired: expired.len(),
                 tombstones: tombs.len(),
@@ -825,6 +951,8 @@ pub(crate) fn init_tables(db: &Database) -> Result<()> {
     txn.open_table(UPLOADS_BY_TIME)?;
     txn.open_table(TOMBSTONES_BY_TIME)?;
     txn.open_table(META)?;
+    txn.open_table(SEGMENT_LIVE)?;
+    txn.open_table(SEGMENT_CHUNKS)?;
     txn.open_table(super::keys::API_KEYS)?;
     txn.open_table(super::keys::API_KEY_HASHES)?;
     build_time_indexes(&txn)?;

@@ -1,11 +1,16 @@
 //! Ingest: new content hashed, cut into chunks and written durably before it is committed.
 //!
-//! Durability rule for a chunk file: its bytes are written to `tmp/`, fsynced, and only then
-//! published under its hash name with `link` (which never replaces an existing name); the chunk
-//! folder is fsynced before the index commit that references it. When the name exists already
-//! (same content from another upload, or an older copy), the existing file is verified against
-//! the hash and fsynced; a copy that fails verification is replaced by the new, already durable
-//! one (a re-upload repairs a rotted chunk).
+//! Chunks of objects too big to be inline are written straight from the received buffers into
+//! the ingest's open segment (`segments.rs`), one after another. When a chunk is sealed and the
+//! index already holds it, the stored copy is verified (read and hashed): a sound one is used
+//! and the new bytes are written over by the next chunk (deduplicated content is stored once);
+//! a copy that fails verification is replaced by the new one (a re-upload repairs a rotted
+//! chunk). [`Ingest::make_durable`] fdatasyncs the segment — one call for every chunk since the
+//! last — before the index commit that references them.
+//!
+//! Chunks received from other pods (`write_chunk_durably`) keep one file per chunk: written to
+//! `tmp/`, fsynced, published under its hash name with `link` (never replacing a sound copy),
+//! the folder fsynced.
 
 use std::{
     collections::HashMap,
@@ -18,7 +23,12 @@ use blake3::hazmat::{ChainingValue, HasherExt};
 use bytes::BytesMut;
 
 use super::{
-    ChunkMeta, INLINE_MAX, NewBlob, Store, disk::DiskFile, pins::Pins, records::UploadChunkRec, tree::TreeHasher,
+    ChunkMeta, INLINE_MAX, NewBlob, Store,
+    disk::SegmentFile,
+    pins::Pins,
+    records::{SegLoc, UploadChunkRec},
+    segments::{SEGMENT_MAX, SegWriter},
+    tree::TreeHasher,
 };
 use crate::error::{BlobError, Result};
 
@@ -49,10 +59,13 @@ impl Store {
             last_cv: None,
             cur_len: 0,
             mem: BytesMut::new(),
-            file: None,
+            seg: None,
+            cur_start: None,
+            to_sync: Vec::new(),
+            dirty: false,
+            failed: false,
             chunks: Vec::new(),
             pins: Pins::new(self),
-            unpublished: Vec::new(),
             pending: Vec::new(),
             pending_from: 0,
             checked_space: false,
@@ -85,11 +98,7 @@ impl Store {
                 ing.tree.push(prev);
             }
             ing.total += r.size as u64;
-            ing.chunks.push(ChunkMeta {
-                hash,
-                size: r.size,
-                inline: None,
-            });
+            ing.chunks.push(ChunkMeta::new(hash, r.size));
         }
         ing.pending_from = ing.total;
         ing.cv = ing.next_cv_hasher();
@@ -132,9 +141,6 @@ impl Durable {
     }
 }
 
-/// A sealed chunk waiting in `tmp/`: its open file, temporary path, hash and length.
-type Sealed = (Box<dyn DiskFile>, PathBuf, [u8; 32], u32);
-
 /// Content being written. Blocking methods: drive it from `spawn_blocking`. Dropping it
 /// unfinished removes its temporary files and the chunks it put in place that nothing
 /// references, and releases its pins and quota reservation.
@@ -154,13 +160,19 @@ pub struct Ingest {
     cur_len: usize,
     /// The beginning of the object while it may still be small enough to keep inline.
     mem: BytesMut,
-    /// The current chunk's temporary file once the object is too big to be inline.
-    file: Option<(Box<dyn DiskFile>, PathBuf)>,
+    /// The open segment this ingest writes (taken once the object is too big to be inline).
+    seg: Option<SegWriter>,
+    /// Offset in `seg` where the current chunk starts, once its bytes go there.
+    cur_start: Option<u64>,
+    /// Segments this ingest filled and gave back with bytes not yet synced.
+    to_sync: Vec<std::sync::Arc<dyn SegmentFile>>,
+    /// `seg` holds bytes not yet synced.
+    dirty: bool,
+    /// A segment write or sync failed: the segment is not reused.
+    failed: bool,
     chunks: Vec<ChunkMeta>,
     /// Chunks sealed and not yet referenced by a committed record.
     pins: Pins,
-    /// Sealed chunks still in `tmp/`: fsynced and published by `make_durable`.
-    unpublished: Vec<Sealed>,
     /// Chunks sealed since the last `make_durable`, with their chaining values.
     pending: Vec<(ChunkMeta, ChainingValue)>,
     /// Offset of the first pending chunk.
@@ -176,12 +188,9 @@ impl Drop for Ingest {
         if self.finished {
             return;
         }
-        let disk = self.store.inner.disk.clone();
-        if let Some((_, path)) = self.file.take() {
-            let _ = disk.remove_file(&path);
-        }
-        for (_, path, _, _) in self.unpublished.drain(..) {
-            let _ = disk.remove_file(&path);
+        // What it wrote into its segment is dead bytes now (compaction reclaims them).
+        if let Some(w) = self.seg.take() {
+            self.store.put_writer(w, !self.failed);
         }
         // Chunks this ingest published that no committed record references go now rather
         // than wait for the orphan scan.
@@ -306,16 +315,13 @@ impl Ingest {
                 cv.update(now);
             }
             self.cur_len += now.len();
-            if self.file.is_none() && self.chunks.is_empty() && self.mem.len() + now.len() <= INLINE_MAX {
+            if self.seg.is_none() && self.chunks.is_empty() && self.mem.len() + now.len() <= INLINE_MAX {
                 self.mem.extend_from_slice(now);
             } else {
-                if self.file.is_none() {
-                    let f = self.new_tmp()?;
-                    self.file = Some(f);
+                if self.cur_start.is_none() {
+                    self.start_chunk()?;
                 }
-                if let Some((f, _)) = &mut self.file {
-                    f.write_all(now).map_err(|e| self.store.io_error("write chunk", e))?;
-                }
+                self.append(now)?;
             }
             if self.cur_len == chunk_size {
                 self.seal_chunk()?;
@@ -325,27 +331,50 @@ impl Ingest {
         Ok(())
     }
 
-    /// A new temporary chunk file holding whatever of the chunk is still in memory.
-    fn new_tmp(&mut self) -> Result<(Box<dyn DiskFile>, PathBuf)> {
-        self.store.check_space()?;
-        let path = self.store.tmp_path();
-        let disk = &self.store.inner.disk;
-        let mut f = disk
-            .create(&path)
-            .map_err(|e| self.store.io_error(format!("create {}", path.display()), e))?;
-        if !self.mem.is_empty() {
-            let r = f.write_all(&self.mem);
-            if let Err(e) = r {
-                let _ = disk.remove_file(&path);
-                return Err(self.store.io_error("write chunk", e));
+    /// Where the current chunk's bytes go: the ingest's segment (taken now if need be, or a
+    /// new one once the current is full), with whatever of the chunk is still in memory.
+    fn start_chunk(&mut self) -> Result<()> {
+        if self.seg.as_ref().is_some_and(|w| w.end >= SEGMENT_MAX)
+            && let Some(w) = self.seg.take()
+        {
+            if self.dirty {
+                self.to_sync.push(w.file.clone());
+                self.dirty = false;
             }
-            self.mem.clear();
+            self.store.put_writer(w, true);
         }
-        Ok((f, path))
+        if self.seg.is_none() {
+            self.seg = Some(self.store.take_writer()?);
+        }
+        let Some(w) = &mut self.seg else {
+            return Err(BlobError::Corrupt("no open segment".into()));
+        };
+        self.cur_start = Some(w.end);
+        if !self.mem.is_empty() {
+            let mem = std::mem::take(&mut self.mem);
+            self.append(&mem)?;
+        }
+        Ok(())
     }
 
-    /// Closes the current chunk: its hash and chaining value are final, its file waits in
-    /// `tmp/` for [`Ingest::make_durable`].
+    /// Writes bytes of the current chunk at the end of the segment.
+    fn append(&mut self, data: &[u8]) -> Result<()> {
+        let Some(w) = &mut self.seg else {
+            return Err(BlobError::Corrupt("no open segment".into()));
+        };
+        if let Err(e) = w.file.write_at(w.end, data) {
+            self.failed = true;
+            return Err(self.store.io_error("write segment", e));
+        }
+        w.end += data.len() as u64;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Closes the current chunk: its hash and chaining value are final. If the index already
+    /// holds the chunk and its copy verifies, that copy is used and the new bytes are given back
+    /// to the segment; otherwise the new bytes are this chunk's copy (made durable by
+    /// [`Ingest::make_durable`]).
     fn seal_chunk(&mut self) -> Result<()> {
         let hash = *self.addr.finalize().as_bytes();
         let cv = match &self.cv {
@@ -354,19 +383,43 @@ impl Ingest {
         };
         let size = self.cur_len as u32;
         self.cur_len = 0;
-        let (f, tmp) = match self.file.take() {
-            Some(x) => x,
+        if self.cur_start.is_none() {
             // A chunk still in memory (the object outgrew the inline limit exactly here).
-            None => self.new_tmp()?,
+            self.start_chunk()?;
+        }
+        let (Some(start), Some(w)) = (self.cur_start.take(), &mut self.seg) else {
+            return Err(BlobError::Corrupt("no open segment".into()));
         };
-        // Pinned from now on so GC never deletes a file the index is about to reference.
-        self.pins.add(hash);
-        self.unpublished.push((f, tmp, hash, size));
-        let meta = ChunkMeta {
-            hash,
-            size,
-            inline: None,
+        let new = SegLoc {
+            segment: w.id,
+            offset: start,
         };
+        // Pinned from now on (both copies) so GC and compaction never remove what the index
+        // is about to reference.
+        let mut meta = ChunkMeta::new(hash, size);
+        meta.loc = Some(new);
+        // A chunk this ingest wrote already (content repeating itself) is stored once.
+        let earlier = self
+            .chunks
+            .iter()
+            .find(|c| c.hash == hash && c.loc.is_some() && !c.repair)
+            .map(|c| Existing::Sound(c.loc));
+        let existing = match earlier {
+            Some(e) => e,
+            None => self.store.pin_for_seal(&mut self.pins, hash, size, new)?,
+        };
+        match existing {
+            Existing::None => {}
+            Existing::Sound(loc) => {
+                meta.loc = loc;
+                if let Some(w) = &mut self.seg
+                    && w.end == start + size as u64
+                {
+                    w.end = start;
+                }
+            }
+            Existing::Rotted => meta.repair = true,
+        }
         self.chunks.push(meta.clone());
         self.pending.push((meta, cv));
         if let Some(prev) = self.last_cv.replace(cv) {
@@ -387,31 +440,23 @@ impl Ingest {
     /// the last call. Deferring this from every chunk to a batch lets the kernel write back
     /// while the upload continues. Blocking.
     pub fn make_durable(&mut self) -> Result<Durable> {
-        let _span = tracing::debug_span!("fsync", chunks = self.unpublished.len()).entered();
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        // Data first, all of it, so the device sees one batch of flushes.
-        for (f, path, _, _) in &mut self.unpublished {
-            f.sync_data()
-                .map_err(|e| self.store.io_error(format!("fsync {}", path.display()), e))?;
-        }
-        for (f, tmp, hash, size) in std::mem::take(&mut self.unpublished) {
-            drop(f);
-            let dest = self.store.chunk_path(&hash);
-            let published = self.store.publish_chunk(&tmp, &dest, &hash, size);
-            let _ = self.store.inner.disk.remove_file(&tmp);
-            published?;
-            if let Some(d) = dest.parent()
-                && !dirs.iter().any(|x| x == d)
-            {
-                dirs.push(d.to_path_buf());
+        let _span = tracing::debug_span!("fsync", chunks = self.pending.len()).entered();
+        // Segments filled earlier, then the open one: one fdatasync each for every chunk since
+        // the last call (no per-chunk files, links or folder fsyncs).
+        for f in std::mem::take(&mut self.to_sync) {
+            if let Err(e) = f.sync_data() {
+                self.failed = true;
+                return Err(self.store.io_error("fsync segment", e));
             }
         }
-        for d in dirs {
-            self.store
-                .inner
-                .disk
-                .sync_dir(&d)
-                .map_err(|e| self.store.io_error(format!("fsync {}", d.display()), e))?;
+        if self.dirty
+            && let Some(w) = &self.seg
+        {
+            if let Err(e) = w.file.sync_data() {
+                self.failed = true;
+                return Err(self.store.io_error("fsync segment", e));
+            }
+            self.dirty = false;
         }
         let pending = std::mem::take(&mut self.pending);
         let offset = self.pending_from;
@@ -432,16 +477,14 @@ impl Ingest {
             )));
         }
         let mut key = None;
-        if self.chunks.is_empty() && self.file.is_none() {
+        if self.chunks.is_empty() && self.seg.is_none() {
             // Small object: one inline chunk (or none for empty content).
             let hash = *self.addr.finalize().as_bytes();
             if self.cur_len > 0 {
                 let data = std::mem::take(&mut self.mem).freeze();
-                self.chunks.push(ChunkMeta {
-                    hash,
-                    size: data.len() as u32,
-                    inline: Some(data),
-                });
+                let mut meta = ChunkMeta::new(hash, data.len() as u32);
+                meta.inline = Some(data);
+                self.chunks.push(meta);
                 self.cur_len = 0;
             }
             key = Some(hash);
@@ -449,6 +492,10 @@ impl Ingest {
             self.seal_chunk()?;
         }
         let last = self.make_durable()?;
+        // The segment goes back to the pool; its chunks stay pinned until the commit.
+        if let Some(w) = self.seg.take() {
+            self.store.put_writer(w, true);
+        }
         let key = match (key, self.chunks.as_slice()) {
             (Some(k), _) => k,
             (None, [only]) => only.hash,
@@ -484,7 +531,51 @@ impl Ingest {
     }
 }
 
+/// What the index already holds of a chunk being sealed.
+pub(super) enum Existing {
+    /// Nothing: the new bytes are the chunk's copy.
+    None,
+    /// A copy that verifies: in a segment (`Some`), or inline or a per-chunk file (`None`).
+    Sound(Option<SegLoc>),
+    /// A copy that fails verification: the new bytes replace it.
+    Rotted,
+}
+
 impl Store {
+    /// Pins a chunk being sealed at its new place `new` and, if the index already holds it, at
+    /// the stored copy's place too — reading the record under the pin lock, so compaction
+    /// either has moved the copy already (the record says where to) or sees the pin and keeps
+    /// its segment — then verifies the stored copy. Blocking.
+    pub(super) fn pin_for_seal(&self, pins: &mut Pins, hash: [u8; 32], size: u32, new: SegLoc) -> Result<Existing> {
+        let rec = {
+            let mut t = self.pin_table();
+            let rec = self.chunk_record(&hash)?;
+            pins.add_in(&mut t, hash, Some(new), size);
+            if let Some(r) = &rec
+                && let Some(l) = r.loc
+            {
+                pins.add_in(&mut t, hash, Some(l), size);
+            }
+            rec
+        };
+        let Some(rec) = rec else { return Ok(Existing::None) };
+        let sound = if rec.inline {
+            true
+        } else if let Some(l) = rec.loc {
+            self.read_segment(&l, rec.size)
+                .is_ok_and(|d| d.len() == size as usize && blake3::hash(&d).as_bytes() == &hash)
+        } else {
+            self.existing_chunk_is_sound(&self.chunk_path(&hash), &hash, size)
+        };
+        if sound {
+            Ok(Existing::Sound(rec.loc))
+        } else {
+            self.inner.metrics.integrity_failures.inc();
+            tracing::warn!(chunk = %super::hex(&hash), "stored chunk failed verification; replaced by the new upload's copy");
+            Ok(Existing::Rotted)
+        }
+    }
+
     /// Publishes the fsynced temporary file `tmp` as chunk `hash` at `dest` without replacing a
     /// file already there: an existing copy is verified and fsynced instead, and one that fails
     /// verification is replaced by the durable new copy. Blocking.

@@ -1,7 +1,8 @@
-//! The storage engine: content split into chunks addressed by BLAKE3, chunk files written to a
-//! temporary name, fsynced, renamed and their directory fsynced; an embedded transactional
-//! index (redb) committed durably before any reply; start-up recovery; verified reads; garbage
-//! collection of unreferenced chunks after a grace period.
+//! The storage engine: content split into chunks addressed by BLAKE3 and appended to segment
+//! files (fdatasynced before the commit that references them; replica writes and older data
+//! dirs use one file per chunk); an embedded transactional index (redb) committed durably
+//! before any reply; start-up recovery; verified reads; garbage collection of unreferenced
+//! chunks after a grace period and compaction of mostly dead segments.
 //!
 //! Objects up to [`INLINE_MAX`] bytes are kept inside the index, so a small put is one grouped
 //! index commit and no file at all.
@@ -16,10 +17,10 @@ mod pins;
 mod read;
 pub mod records;
 pub mod replica;
+mod segments;
 mod tree;
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -67,8 +68,11 @@ struct Inner {
     db: Arc<Database>,
     commit_tx: mpsc::Sender<Job>,
     metrics: BlobMetrics,
-    /// Chunks that are on disk but not yet referenced in the index, or being read: GC skips them.
-    pins: Mutex<HashMap<[u8; 32], usize>>,
+    /// Chunks that are on disk but not yet referenced in the index, or being read: GC skips them
+    /// (and compaction keeps the segments they are pinned in).
+    pins: Mutex<pins::PinTable>,
+    /// Segment files and the pool of open ones.
+    segs: Mutex<segments::SegTable>,
     counters: Mutex<Counters>,
     /// Bytes of uploads in flight, counted against the quota before they are committed.
     reserved: AtomicU64,
@@ -144,7 +148,9 @@ impl Store {
         let _span = tracing::info_span!("store_open", root = %root.display()).entered();
         let chunks = root.join("chunks");
         let tmp = root.join("tmp");
-        for d in [root, &chunks, &tmp] {
+        let segs_dir = root.join("segments");
+        let new_segs_dir = !disk.is_dir(&segs_dir);
+        for d in [root, &chunks, &tmp, &segs_dir] {
             disk.create_dir_all(d)
                 .map_err(|e| BlobError::io(format!("create {}", d.display()), e))?;
         }
@@ -157,7 +163,7 @@ impl Store {
                 created = true;
             }
         }
-        if created {
+        if created || new_segs_dir {
             // New folders are durable before any chunk inside them is acknowledged.
             for d in [&chunks, root] {
                 disk.sync_dir(d)
@@ -208,6 +214,7 @@ impl Store {
             tracing::info!(removed, "recovery removed temporary files of interrupted writes");
         }
         index::init_tables(&db)?;
+        let segs = segments::load(disk.as_ref(), &segs_dir, &db, &metrics)?;
         let init_ms = started.elapsed().as_millis() as u64 - index_open_ms;
         let counters = index::read_counters(&db)?;
         let (commit_tx, commit_rx) = mpsc::channel(1024);
@@ -218,7 +225,8 @@ impl Store {
             db: db.clone(),
             commit_tx,
             metrics: metrics.clone(),
-            pins: Mutex::new(HashMap::new()),
+            pins: Mutex::new(pins::PinTable::default()),
+            segs: Mutex::new(segs),
             counters: Mutex::new(counters),
             reserved: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
@@ -424,3 +432,5 @@ mod tests_defects;
 mod tests_power;
 #[cfg(test)]
 mod tests_scale;
+#[cfg(test)]
+mod tests_segments;

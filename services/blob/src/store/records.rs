@@ -99,6 +99,22 @@ pub struct ChunkRec {
     /// Stored in the index rather than as a file.
     #[prost(bool, tag = "3")]
     pub inline: bool,
+    /// Where the chunk's bytes are in a segment file (`None`: a per-chunk file under
+    /// `chunks/`, as written before segments and by replica writes, or inline).
+    #[prost(message, optional, tag = "4")]
+    pub loc: Option<SegLoc>,
+}
+
+/// A chunk's place in a segment file: the segment's id and the byte offset (the length is the
+/// chunk's size).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, prost::Message)]
+pub struct SegLoc {
+    /// Segment id (`segments/<id:016x>.seg`).
+    #[prost(uint64, tag = "1")]
+    pub segment: u64,
+    /// Byte offset of the chunk in the segment.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
 }
 
 /// A resumable upload in progress.

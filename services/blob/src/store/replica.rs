@@ -310,11 +310,18 @@ impl Store {
         out
     }
 
-    /// A chunk's content by hash alone (its size from the index or the file), verified.
-    /// Blocking.
+    /// A chunk's content by hash alone (its size from the index or the file), verified: a
+    /// committed chunk, or one an upload on this pod made durable and has not committed yet
+    /// (what replication forwards while the upload goes on). Blocking.
     pub fn read_chunk_any(&self, hash: &[u8; 32]) -> Result<Bytes> {
         if let Some(rec) = self.chunk_record(hash)? {
             return self.read_chunk(hash, rec.size);
+        }
+        let pending = self.pin_table().pending_loc(hash);
+        if let Some((l, size)) = pending
+            && let Ok(d) = self.read_pending(&l, size, hash)
+        {
+            return Ok(d);
         }
         match self.inner.disk.read(&self.chunk_path(hash)) {
             Ok(d) => self.verify(hash, d.len() as u32, Bytes::from(d)),
@@ -323,6 +330,17 @@ impl Store {
             }
             Err(e) => Err(BlobError::io(format!("read chunk {}", hex(hash)), e)),
         }
+    }
+
+    /// An uncommitted chunk at its pinned place, verified.
+    fn read_pending(&self, l: &super::records::SegLoc, size: u32, hash: &[u8; 32]) -> Result<Bytes> {
+        let data = self
+            .read_segment(l, size)
+            .map_err(|e| BlobError::io(format!("read chunk {}", hex(hash)), e))?;
+        if blake3::hash(&data).as_bytes() == hash {
+            return Ok(data);
+        }
+        Err(BlobError::NotFound(format!("chunk {} is not on this pod", hex(hash))))
     }
 
     /// Replaces a corrupt or missing chunk file with a verified copy (from another pod).
@@ -348,6 +366,12 @@ impl Store {
     /// after the commit). Returns whether it was applied and the live file it replaced.
     pub async fn apply_record(&self, r: FileRecord, local: Option<Finished>) -> Result<(bool, Option<FileRec>)> {
         let blob_key = check_record(&r)?;
+        // Where this pod's own copies of the chunks are (segments), so the records point there.
+        let local_locs: std::collections::HashMap<[u8; 32], (super::records::SegLoc, bool)> = local
+            .iter()
+            .flat_map(|f| f.blob.chunks.iter())
+            .filter_map(|c| c.loc.map(|l| (c.hash, (l, c.repair))))
+            .collect();
         let incoming = r.hlc.as_ref().map(hlc_from_wire);
         let key = r.key.clone();
         let op: index::CustomOp = Box::new(move |txn| {
@@ -404,11 +428,13 @@ impl Store {
                 .zip(&r.chunk_sizes)
                 .map(|(h, &size)| {
                     let hash = <[u8; 32]>::try_from(h.as_ref()).unwrap_or([0; 32]);
-                    ChunkMeta {
-                        hash,
-                        size,
-                        inline: (single_inline && !r.inline_data.is_empty()).then(|| r.inline_data.clone()),
+                    let mut c = ChunkMeta::new(hash, size);
+                    c.inline = (single_inline && !r.inline_data.is_empty()).then(|| r.inline_data.clone());
+                    if let Some((l, repair)) = local_locs.get(&hash) {
+                        c.loc = Some(*l);
+                        c.repair = *repair;
                     }
+                    c
                 })
                 .collect();
             let blob = NewBlob {

@@ -29,6 +29,8 @@ struct Inode {
     data: Vec<u8>,
     durable: Vec<u8>,
     mtime: Option<SystemTime>,
+    /// Positioned writes (segment files) since the last sync, in order.
+    log: Vec<(u64, Vec<u8>)>,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +156,25 @@ impl SimDisk {
         let inos: Vec<u64> = s.inodes.keys().copied().collect();
         for ino in inos {
             let r = s.rand();
+            let torn = s.rand();
+            if let Some(i) = s.inodes.get_mut(&ino)
+                && !i.log.is_empty()
+            {
+                // A segment file: a random prefix of its positioned writes reached the device,
+                // the next one possibly torn part-way.
+                let applied = (r % (i.log.len() as u64 + 1)) as usize;
+                let mut d = i.durable.clone();
+                for (off, bytes) in i.log.iter().take(applied) {
+                    apply(&mut d, *off, bytes, None);
+                }
+                if let Some((off, bytes)) = i.log.get(applied) {
+                    let n = (torn % (bytes.len() as u64 + 1)) as usize;
+                    apply(&mut d, *off, bytes.get(..n).unwrap_or_default(), None);
+                }
+                i.data = d;
+                i.log.clear();
+                continue;
+            }
             if let Some(i) = s.inodes.get_mut(&ino) {
                 let keep = if i.data.len() > i.durable.len() && i.data.starts_with(&i.durable) {
                     let extra = (i.data.len() - i.durable.len()) as u64;
@@ -220,6 +241,66 @@ impl DiskFile for SimFile {
             i.durable = i.data.clone();
         }
         Ok(())
+    }
+}
+
+struct SimSegment {
+    disk: SimDisk,
+    ino: u64,
+}
+
+impl super::disk::SegmentFile for SimSegment {
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut s = self.disk.lock();
+        s.tick()?;
+        if let Some(i) = s.inodes.get_mut(&self.ino) {
+            apply(&mut i.data, offset, data, None);
+            i.log.push((offset, data.to_vec()));
+            i.mtime = Some(SystemTime::now());
+        }
+        Ok(())
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut s = self.disk.lock();
+        s.tick()?;
+        let src = s
+            .inodes
+            .get(&self.ino)
+            .and_then(|i| i.data.get(offset as usize..offset as usize + buf.len()));
+        match src {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end")),
+        }
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let mut s = self.disk.lock();
+        s.tick()?;
+        if let Some(i) = s.inodes.get_mut(&self.ino) {
+            i.durable = i.data.clone();
+            i.log.clear();
+        }
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        let mut s = self.disk.lock();
+        s.tick()?;
+        Ok(s.inodes.get(&self.ino).map(|i| i.data.len() as u64).unwrap_or(0))
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Zeros where the range was (within the file; the length stays), not durable until the
+        // next sync, like any write.
+        let n = {
+            let s = self.disk.lock();
+            let flen = s.inodes.get(&self.ino).map(|i| i.data.len() as u64).unwrap_or(0);
+            offset.saturating_add(len).min(flen).saturating_sub(offset)
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        self.write_at(offset, &vec![0; n as usize])
     }
 }
 
@@ -321,6 +402,33 @@ impl Disk for SimDisk {
     }
     fn total_bytes(&self, _path: &Path) -> Option<u64> {
         None
+    }
+    fn open_segment(&self, path: &Path, create: bool) -> io::Result<Arc<dyn super::disk::SegmentFile>> {
+        let mut s = self.lock();
+        s.tick()?;
+        let ino = if create {
+            let (d, n) = State::split(path)?;
+            if s.dir(&d)?.live.contains_key(&n) {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
+            }
+            s.next += 1;
+            let ino = s.next;
+            s.inodes.insert(
+                ino,
+                Inode {
+                    mtime: Some(SystemTime::now()),
+                    ..Default::default()
+                },
+            );
+            s.dir(&d)?.live.insert(n, ino);
+            ino
+        } else {
+            s.lookup(path)?
+        };
+        Ok(Arc::new(SimSegment {
+            disk: self.clone(),
+            ino,
+        }))
     }
     fn open_index(&self, path: &Path, builder: &Builder) -> Result<Database, DatabaseError> {
         self.lock().index.entry(path.to_path_buf()).or_default();

@@ -2,6 +2,10 @@
 //! the power goes after a random number of disk operations (every later call fails), whatever
 //! was not fsynced is dropped, and the store is opened again: every acknowledged write must be
 //! there and readable, every acknowledged delete gone, and GC afterwards must not lose anything.
+//! Resumable uploads are part of the workload (start, appends from new sessions); after the
+//! restart each resumes from at least its last acknowledged offset and completes.
+//! Large contents go to segment files, and GC passes compact sealed segments, so power loss
+//! also strikes segment appends, their syncs and compaction.
 //! `PV_POWER_SEEDS` (default 32) sets how many seeds run; CI runs the default.
 
 use std::{
@@ -115,6 +119,76 @@ fn read(store: &Store, key: &str) -> Result<Option<Vec<u8>>> {
     Ok(Some(out))
 }
 
+/// Resumable uploads of the workload: content, whether the start was acknowledged, and the
+/// durable offset of the last acknowledged append.
+type Uploads = HashMap<String, (Vec<u8>, bool, u64)>;
+
+/// One append to a resumable upload, as a client that reconnects for it does: claim the
+/// upload (a new session), resume from its durable chunks, send up to `chunks` more whole
+/// chunks, and record them. Returns the durable offset acknowledged.
+async fn append(store: &Store, id: &str, content: &[u8], chunks: u64) -> Result<u64> {
+    let (rec, rows) = store.claim_upload(id).await?;
+    let from = rec.received as usize;
+    let to = (from + (chunks * CHUNK as u64) as usize).min(content.len() / CHUNK as usize * CHUNK as usize);
+    if to <= from {
+        return Ok(rec.received);
+    }
+    let s = store.clone();
+    let piece = content[from..to].to_vec();
+    let total = rec.total_size;
+    let (ing, durable) = tokio::task::spawn_blocking(move || {
+        let mut ing = s.resume_ingest(total, &rows)?;
+        ing.write(&piece)?;
+        let d = ing.make_durable()?;
+        Ok::<_, BlobError>((ing, d))
+    })
+    .await
+    .map_err(|e| BlobError::Unavailable(e.to_string()))??;
+    let mut ing = ing;
+    let n = store.append_upload(id, rec.session, &durable).await?;
+    ing.committed(&durable);
+    Ok(n)
+}
+
+/// Resumes an upload from what the index holds and completes it: the blob must be `content`.
+async fn resume_and_complete(store: &Store, id: &str, content: &[u8], acked: u64, seed: u64) {
+    let (rec, rows) = store
+        .claim_upload(id)
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: claim {id}: {e}"));
+    assert!(
+        rec.received >= acked,
+        "seed {seed}: upload {id} resumes at {} but {acked} bytes were acknowledged",
+        rec.received
+    );
+    let s = store.clone();
+    let rest = content[rec.received as usize..].to_vec();
+    let total = rec.total_size;
+    let (fin, _) = tokio::task::spawn_blocking(move || {
+        let mut ing = s.resume_ingest(total, &rows)?;
+        ing.write(&rest)?;
+        ing.finish()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("seed {seed}: resume {id}: {e}"));
+    assert_eq!(fin.blob.key, *blake3::hash(content).as_bytes(), "seed {seed}: {id} key");
+    let b = store
+        .complete_upload(id, rec.session, fin)
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: complete {id}: {e}"));
+    let mut out = Vec::new();
+    for (h, &sz) in b.chunk_hashes.iter().zip(&b.chunk_sizes) {
+        let h: [u8; 32] = h.as_slice().try_into().unwrap();
+        out.extend_from_slice(
+            &store
+                .read_chunk(&h, sz)
+                .unwrap_or_else(|e| panic!("seed {seed}: read {id}: {e}")),
+        );
+    }
+    assert!(out == content, "seed {seed}: upload {id} completed with other content");
+}
+
 /// What a key may hold after the crash: the last acknowledged state, plus whatever
 /// unacknowledged writes came after it.
 type Model = HashMap<String, Vec<Option<Vec<u8>>>>;
@@ -140,19 +214,21 @@ fn check(store: &Store, model: &Model, seed: u64, when: &str) {
     }
 }
 
-/// Runs one seed; returns whether the power went during the workload and the disk ops done.
-async fn run(seed: u64) -> (bool, u64) {
+/// Runs one seed; returns whether the power went during the workload, the disk ops done and
+/// the resumable uploads with an acknowledged append.
+async fn run(seed: u64) -> (bool, u64, u64) {
     let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
     let disk = SimDisk::new(seed);
     let fatal = Arc::new(AtomicUsize::new(0));
     let store = open(&disk, &fatal).expect("open a new store");
     let pool = contents();
     let mut model = Model::new();
-    // The workload takes about 1,200 disk operations; the power goes anywhere in the first
-    // thousand (so almost every seed crashes mid-workload, at a different point).
-    disk.fail_after(1 + rng.below(1000));
+    let mut uploads = Uploads::new();
+    // The workload takes about 800 disk operations; the power goes anywhere in the first
+    // 600 (so almost every seed crashes mid-workload, at a different point).
+    disk.fail_after(1 + rng.below(600));
     for _ in 0..40 {
-        match rng.below(6) {
+        match rng.below(8) {
             0 | 1 => {
                 let key = format!("k{}", rng.below(6));
                 let data = pool[rng.below(pool.len() as u64) as usize].clone();
@@ -181,7 +257,37 @@ async fn run(seed: u64) -> (bool, u64) {
                     Err(_) => note(&mut model, &key, None, false),
                 }
             }
+            6 => {
+                // A resumable upload starts (its content never repeats another's).
+                let id = format!("u{}", uploads.len());
+                let len = (2 + rng.below(4)) * CHUNK as u64 + rng.below(CHUNK as u64);
+                let mut content = vec![0; len as usize];
+                blake3::Hasher::new()
+                    .update(id.as_bytes())
+                    .update(&seed.to_le_bytes())
+                    .finalize_xof()
+                    .fill(&mut content);
+                let ok = store.create_upload(&id, len, HashMap::new()).await.is_ok();
+                uploads.insert(id, (content, ok, 0));
+            }
+            7 => {
+                // An append from a new session, as after a reconnect.
+                if uploads.is_empty() {
+                    continue;
+                }
+                let id = format!("u{}", rng.below(uploads.len() as u64));
+                let n = 1 + rng.below(2);
+                if let Some((content, _, acked)) = uploads.get_mut(&id)
+                    && let Ok(got) = append(&store, &id, content, n).await
+                {
+                    *acked = (*acked).max(got);
+                }
+            }
             4 => {
+                // Sealed segments with dead chunks are compacted by the GC pass.
+                if rng.below(2) == 0 {
+                    store.seal_segments();
+                }
                 let _ = store.collect_garbage().await;
             }
             _ => {
@@ -208,10 +314,18 @@ async fn run(seed: u64) -> (bool, u64) {
         store.remove_orphan_chunk_files().unwrap();
     }
     check(&store, &model, seed, "after GC");
+    // Every resumable upload whose start was acknowledged resumes from at least its last
+    // acknowledged offset and completes with its content.
+    for (id, (content, created, acked)) in &uploads {
+        if *created || store.get_upload(id).is_ok() {
+            resume_and_complete(&store, id, content, *acked, seed).await;
+        }
+    }
     // And the store still takes writes.
     put(&store, "after", b"after the crash").await.unwrap();
     assert_eq!(fatal.load(Ordering::SeqCst), 0, "seed {seed}: the committer panicked");
-    (crashed, ops)
+    let appended = uploads.values().filter(|u| u.2 > 0).count() as u64;
+    (crashed, ops, appended)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,14 +337,20 @@ async fn no_acknowledged_write_is_lost_on_power_loss() {
     let started = Instant::now();
     let mut crashed = 0;
     let mut ops = 0;
+    let mut appended = 0;
     for seed in 1..=seeds {
-        let (c, n) = run(seed).await;
+        let (c, n, a) = run(seed).await;
         crashed += c as u64;
         ops += n;
+        appended += a;
     }
     eprintln!(
-        "power-loss test: {seeds} seeds, {crashed} lost power mid-workload, {ops} disk operations, {:.1} s",
+        "power-loss test: {seeds} seeds, {crashed} lost power mid-workload, {ops} disk operations, {appended} resumable uploads with acknowledged appends, {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        appended * 2 >= seeds,
+        "only {appended} acknowledged appends in {seeds} seeds"
     );
     // Most seeds must really crash inside the workload, or the test proves little.
     assert!(

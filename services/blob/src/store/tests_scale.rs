@@ -80,6 +80,7 @@ fn generate_index() {
                     refs: 1,
                     size: data.len() as u32,
                     inline: true,
+                    loc: None,
                 };
                 c.insert(&hash[..], chunk.encode_to_vec().as_slice()).unwrap();
                 inl.insert(&hash[..], data.as_bytes()).unwrap();
