@@ -201,6 +201,13 @@ def overview():
         (f"sum by (instance) (increase(peervault_blob_integrity_failures_total{{{SEL}}}{R}))", "hash mismatch {{instance}}"),
         (f"sum by (instance) (increase(peervault_blob_volume_full_total{{{SEL}}}{R}))", "volume full {{instance}}"),
     ], w=8)
+    b.panel("Segments and compaction", [
+        (f"sum by (instance) (peervault_blob_segments{{{SEL}}})", "segments {{instance}}"),
+        (f"sum by (instance) (peervault_blob_segment_dead_bytes{{{SEL}}})", "dead bytes {{instance}}"),
+        (f"sum(rate(peervault_blob_compaction_bytes_total{{{SEL}}}{R}))", "compacted bytes/s"),
+        (f"sum(rate(peervault_blob_compaction_runs_total{{{SEL}}}{R}))", "compaction passes/s"),
+        (f"sum(rate(peervault_blob_segments_freed_total{{{SEL}}}{R}))", "segments freed/s"),
+    ], w=8)
     b.panel("Commit batch size p50", [(f"histogram_quantile(0.5, sum by (le) (rate(peervault_blob_commit_batch_size_bucket{{{SEL}}}{R})))", "p50")], w=8)
     b.row("Security and process")
     b.panel("Refused calls and handshakes", [
@@ -254,6 +261,7 @@ def replication():
         (f"sum(rate(peervault_replication_failovers_total{{{SEL}}}{R}))", "chunk failovers/s"),
         (f"sum(rate(peervault_replication_scrub_repaired_total{{{SEL}}}{R}))", "scrub repairs/s"),
         (f"sum(rate(peervault_replication_degraded_reads_total{{{SEL}}}{R}))", "degraded reads/s"),
+        (f"sum(rate(peervault_replication_tombstones_collected_total{{{SEL}}}{R}))", "tombstones collected/s"),
     ])
     b.panel("Replica repairs and time spent repairing", [
         (f"sum(rate(peervault_replication_repair_duration_seconds_count{{{SEL}}}{R}))", "repairs/s"),
