@@ -1,6 +1,6 @@
 //! Replication metrics (`peervault_replication_*`).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Metric names of replication, listed once for code and dashboards.
 pub mod names {
@@ -32,6 +32,9 @@ pub mod names {
     pub const FACTOR: &str = "peervault_replication_factor";
     /// Chunks found corrupt by scrub and repaired from a replica.
     pub const SCRUB_REPAIRED_TOTAL: &str = "peervault_replication_scrub_repaired_total";
+    /// Items per coalesced replication call, by call (`get_records`, `put_records`,
+    /// `commit_records`).
+    pub const BATCH_SIZE: &str = "peervault_replication_batch_size";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -49,6 +52,7 @@ pub mod names {
         MEMBERS,
         FACTOR,
         SCRUB_REPAIRED_TOTAL,
+        BATCH_SIZE,
     ];
 }
 
@@ -83,6 +87,8 @@ pub struct ClusterMetrics {
     pub factor: IntGauge,
     /// See [`names::SCRUB_REPAIRED_TOTAL`].
     pub scrub_repaired: IntCounter,
+    /// See [`names::BATCH_SIZE`].
+    pub batch_size: HistogramVec,
 }
 
 impl ClusterMetrics {
@@ -127,6 +133,11 @@ impl ClusterMetrics {
             members: IntGauge::new(names::MEMBERS, "Members in the placement this pod uses.")?,
             factor: IntGauge::new(names::FACTOR, "Replication factor in force.")?,
             scrub_repaired: IntCounter::new(names::SCRUB_REPAIRED_TOTAL, "Corrupt chunks repaired by scrub.")?,
+            batch_size: HistogramVec::new(
+                HistogramOpts::new(names::BATCH_SIZE, "Items per coalesced replication call, by call.")
+                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 9)?),
+                &["call"],
+            )?,
         };
         if let Some(r) = registry {
             let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -144,6 +155,7 @@ impl ClusterMetrics {
                 Box::new(m.members.clone()),
                 Box::new(m.factor.clone()),
                 Box::new(m.scrub_repaired.clone()),
+                Box::new(m.batch_size.clone()),
             ];
             for c in all {
                 match r.register(c) {
@@ -158,6 +170,9 @@ impl ClusterMetrics {
         }
         for result in ["ok", "unavailable", "unknown"] {
             m.writes.with_label_values(&[result]);
+        }
+        for call in ["get_records", "put_records", "commit_records"] {
+            m.batch_size.with_label_values(&[call]);
         }
         for result in ["in_sync", "differ", "error"] {
             m.digest_rounds.with_label_values(&[result]);
