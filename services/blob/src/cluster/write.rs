@@ -189,7 +189,9 @@ impl Replicator {
         while left > 0 {
             let front = self.buf.front_mut()?;
             let n = left.min(front.len()).min(super::MAX_PIECE);
-            out.push(front.split_to(n));
+            if n > 0 {
+                out.push(front.split_to(n));
+            }
             if front.is_empty() {
                 self.buf.pop_front();
             }
