@@ -26,7 +26,8 @@ pub const MAX_ITEMS: usize = 1024;
 
 /// The call a batcher makes: the items in order, answered by one result per item in the same
 /// order (fewer results than items: the rest failed), or one error for the whole call.
-pub type BatchCall<Q, A> = Arc<dyn Fn(Vec<Q>) -> BoxFuture<'static, Result<Vec<Result<A, Status>>, Status>> + Send + Sync>;
+pub type BatchCall<Q, A> =
+    Arc<dyn Fn(Vec<Q>) -> BoxFuture<'static, Result<Vec<Result<A, Status>>, Status>> + Send + Sync>;
 
 type Waiter<Q, A> = (Q, oneshot::Sender<Result<A, Status>>);
 
@@ -207,7 +208,11 @@ mod tests {
         for _ in 0..50 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(batches.lock().unwrap().len(), 1, "nothing is sent while a call is in flight");
+        assert_eq!(
+            batches.lock().unwrap().len(),
+            1,
+            "nothing is sent while a call is in flight"
+        );
         gate.notify_one();
         assert_eq!(first.await.unwrap().unwrap(), 2);
         started(&batches, 2).await;
@@ -221,7 +226,11 @@ mod tests {
             .collect();
         assert_eq!(got, vec![4, 6, 8, 10, 12]);
         let seen = batches.lock().unwrap().clone();
-        assert_eq!(seen, vec![vec![1], vec![2, 3, 4], vec![5, 6]], "bounded batches in arrival order");
+        assert_eq!(
+            seen,
+            vec![vec![1], vec![2, 3, 4], vec![5, 6]],
+            "bounded batches in arrival order"
+        );
     }
 
     #[tokio::test]

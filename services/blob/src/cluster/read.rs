@@ -90,7 +90,7 @@ impl Cluster {
             .filter_map(|o| layout.peers.get(o))
             .collect();
         remote.sort_by_key(|p| (p.rank, spread(key, &p.id)));
-        let without_data = !(with_data && !local_read);
+        let without_data = !with_data || local_read;
         let mut queue = remote.into_iter().map(|p| p.id.clone());
         let mut calls = FuturesUnordered::new();
         while answers.len() + calls.len() < need {
@@ -218,12 +218,16 @@ impl Cluster {
         let layout = self.layout();
         let holders = answers
             .iter()
-            .filter(|(id, r)| !id.is_empty() && !layout.is_self(id) && r.as_ref().is_some_and(|r| clock(r) == clock(&newest)))
+            .filter(|(id, r)| {
+                !id.is_empty() && !layout.is_self(id) && r.as_ref().is_some_and(|r| clock(r) == clock(&newest))
+            })
             .map(|(id, _)| id.clone());
         for id in holders {
             match self.ask_record(id.clone(), &newest.key, false).await {
                 (_, Ok(Some(r))) if clock(&r) == clock(&newest) => return r,
-                (_, r) => tracing::debug!(key = %newest.key, replica = %id, ok = r.is_ok(), "replica did not send the newest record's content"),
+                (_, r) => {
+                    tracing::debug!(key = %newest.key, replica = %id, ok = r.is_ok(), "replica did not send the newest record's content")
+                }
             }
         }
         newest

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 use peervault_proto::v1::{
-    ChunkData, CommitRecordRequest, FileRecord, GetRecordsResult, HybridTimestamp, PutRecordRequest,
-    PutRecordResponse, PutRecordsResult, RecordQuery,
+    ChunkData, CommitRecordRequest, FileRecord, GetRecordsResult, HybridTimestamp, PutRecordRequest, PutRecordResponse,
+    PutRecordsResult, RecordQuery,
 };
 use tokio::task::JoinHandle;
 use tonic::Status;
@@ -186,7 +186,9 @@ impl Cluster {
         let applied = futures_util::future::join_all(whole.into_iter().map(|(i, r)| async move {
             (
                 i,
-                self.apply_checked(r).await.map(|applied| PutRecordResponse { applied, held: None }),
+                self.apply_checked(r)
+                    .await
+                    .map(|applied| PutRecordResponse { applied, held: None }),
             )
         }))
         .await;
@@ -424,8 +426,9 @@ impl ChunkSink {
             let data = buf.freeze();
             let n = data.len() as u64;
             let s = self.cluster.store().clone();
-            self.writing
-                .push_back(tokio::task::spawn_blocking(move || s.put_chunk(&h, &data).map(|new| (new, n))));
+            self.writing.push_back(tokio::task::spawn_blocking(move || {
+                s.put_chunk(&h, &data).map(|new| (new, n))
+            }));
         }
         while self.writing.len() > SINK_IN_FLIGHT {
             self.wait_oldest().await?;
@@ -434,7 +437,9 @@ impl ChunkSink {
     }
 
     async fn wait_oldest(&mut self) -> Result<()> {
-        let Some(t) = self.writing.pop_front() else { return Ok(()) };
+        let Some(t) = self.writing.pop_front() else {
+            return Ok(());
+        };
         let (new, n) = t
             .await
             .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))??;

@@ -128,7 +128,9 @@ impl Replicator {
             return;
         }
         for id in &self.targets {
-            let Some(mut client) = self.cluster.client(id) else { continue };
+            let Some(mut client) = self.cluster.client(id) else {
+                continue;
+            };
             let (tx, rx) = mpsc::channel::<ChunkData>(super::WINDOW);
             let task = tokio::spawn(async move {
                 client
@@ -261,7 +263,11 @@ impl Replicator {
         self.buf.push_back(data);
         let sealed = ing.chunks().len();
         if sealed > self.sent {
-            let new: Vec<ChunkMeta> = ing.chunks().get(self.sent..).map(<[ChunkMeta]>::to_vec).unwrap_or_default();
+            let new: Vec<ChunkMeta> = ing
+                .chunks()
+                .get(self.sent..)
+                .map(<[ChunkMeta]>::to_vec)
+                .unwrap_or_default();
             self.sent = sealed;
             let handle = tokio::runtime::Handle::current();
             handle.block_on(self.send_chunks(&new));
@@ -460,10 +466,7 @@ impl Cluster {
         // This pod's own commit is counted as if it succeeds (it nearly always does); if it
         // fails, the quorum check below sees it.
         let have = usize::from(me_owner);
-        let (local_result, remote) = tokio::join!(
-            local_commit,
-            gather(calls, |n| n + have >= majority(owners.len()))
-        );
+        let (local_result, remote) = tokio::join!(local_commit, gather(calls, |n| n + have >= majority(owners.len())));
         let mut replaced = None;
         match local_result {
             Some(Ok((_, old))) => {
