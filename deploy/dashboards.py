@@ -263,6 +263,10 @@ def replication():
         (f"sum(rate(peervault_replication_degraded_reads_total{{{SEL}}}{R}))", "degraded reads/s"),
         (f"sum(rate(peervault_replication_tombstones_collected_total{{{SEL}}}{R}))", "tombstones collected/s"),
     ])
+    b.panel("Coalesced record calls and the items they carry", [
+        (f"sum by (call) (rate(peervault_replication_batch_size_count{{{SEL}}}{R}))", "{{call}} calls/s"),
+        (f"sum by (call) (rate(peervault_replication_batch_size_sum{{{SEL}}}{R}))", "{{call}} items/s"),
+    ], w=8, description="Concurrent record reads, pendings and commits to one pod share a call: items/s over calls/s is the batch size; the higher, the fewer round trips and fsyncs per write.")
     b.panel("Replica repairs and time spent repairing", [
         (f"sum(rate(peervault_replication_repair_duration_seconds_count{{{SEL}}}{R}))", "repairs/s"),
         (f"sum(rate(peervault_replication_repair_duration_seconds_sum{{{SEL}}}{R}))", "repair seconds/s"),

@@ -91,6 +91,9 @@ pub const CONFINEMENT_TABLE: &[(&str, Confinement)] = &[
     ("/peervault.v1.ReplicationService/ListRecords", Unconfinable),
     ("/peervault.v1.ReplicationService/CommitRecord", Unconfinable),
     ("/peervault.v1.ReplicationService/GetRecord", Unconfinable),
+    ("/peervault.v1.ReplicationService/GetRecords", Unconfinable),
+    ("/peervault.v1.ReplicationService/PutRecords", Unconfinable),
+    ("/peervault.v1.ReplicationService/CommitRecords", Unconfinable),
     ("/peervault.v1.ReplicationService/Digests", Unconfinable),
     ("/peervault.v1.ReplicationService/PutApiKeys", Unconfinable),
 ];

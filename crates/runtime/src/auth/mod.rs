@@ -123,6 +123,9 @@ pub const ACCESS_TABLE: &[(&str, Access)] = &[
     ("/peervault.v1.ReplicationService/ListRecords", Internal),
     ("/peervault.v1.ReplicationService/CommitRecord", Internal),
     ("/peervault.v1.ReplicationService/GetRecord", Internal),
+    ("/peervault.v1.ReplicationService/GetRecords", Internal),
+    ("/peervault.v1.ReplicationService/PutRecords", Internal),
+    ("/peervault.v1.ReplicationService/CommitRecords", Internal),
     ("/peervault.v1.ReplicationService/Digests", Internal),
     ("/peervault.v1.ReplicationService/PutApiKeys", Internal),
 ];

@@ -1,6 +1,6 @@
 //! Replication metrics (`peervault_replication_*`).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Metric names of replication, listed once for code and dashboards.
 pub mod names {
@@ -35,6 +35,9 @@ pub mod names {
     /// Tombstones collected by anti-entropy after every owner confirmed them and the grace
     /// period passed.
     pub const TOMBSTONES_COLLECTED_TOTAL: &str = "peervault_replication_tombstones_collected_total";
+    /// Items per coalesced replication call, by call (`get_records`, `put_records`,
+    /// `commit_records`).
+    pub const BATCH_SIZE: &str = "peervault_replication_batch_size";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -53,6 +56,7 @@ pub mod names {
         FACTOR,
         SCRUB_REPAIRED_TOTAL,
         TOMBSTONES_COLLECTED_TOTAL,
+        BATCH_SIZE,
     ];
 }
 
@@ -89,6 +93,8 @@ pub struct ClusterMetrics {
     pub scrub_repaired: IntCounter,
     /// See [`names::TOMBSTONES_COLLECTED_TOTAL`].
     pub tombstones_collected: IntCounter,
+    /// See [`names::BATCH_SIZE`].
+    pub batch_size: HistogramVec,
 }
 
 impl ClusterMetrics {
@@ -137,6 +143,11 @@ impl ClusterMetrics {
                 names::TOMBSTONES_COLLECTED_TOTAL,
                 "Tombstones collected once every owner held them and the grace period passed.",
             )?,
+            batch_size: HistogramVec::new(
+                HistogramOpts::new(names::BATCH_SIZE, "Items per coalesced replication call, by call.")
+                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 9)?),
+                &["call"],
+            )?,
         };
         if let Some(r) = registry {
             let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -155,6 +166,7 @@ impl ClusterMetrics {
                 Box::new(m.factor.clone()),
                 Box::new(m.scrub_repaired.clone()),
                 Box::new(m.tombstones_collected.clone()),
+                Box::new(m.batch_size.clone()),
             ];
             for c in all {
                 match r.register(c) {
@@ -169,6 +181,9 @@ impl ClusterMetrics {
         }
         for result in ["ok", "unavailable", "unknown"] {
             m.writes.with_label_values(&[result]);
+        }
+        for call in ["get_records", "put_records", "commit_records"] {
+            m.batch_size.with_label_values(&[call]);
         }
         for result in ["in_sync", "differ", "error"] {
             m.digest_rounds.with_label_values(&[result]);

@@ -4,6 +4,7 @@
 //! background (hand-off queue, read repair, anti-entropy, scrub). With one member it is a
 //! pass-through to the store: no copies, no RPCs.
 
+mod batch;
 pub mod config;
 mod files;
 pub mod handoff;
@@ -25,7 +26,10 @@ use std::{
 
 use peervault_events_client::{EventBuilder, EventPublisher};
 use peervault_membership::MembershipView;
-use peervault_proto::v1::{FileRecord, PeerHealthState, replication_service_client::ReplicationServiceClient};
+use peervault_proto::v1::{
+    CommitRecordRequest, CommitRecordsRequest, FileRecord, GetRecordsRequest, PeerHealthState, PutRecordRequest,
+    PutRecordResponse, PutRecordsRequest, RecordQuery, replication_service_client::ReplicationServiceClient,
+};
 use peervault_runtime::{ServiceContext, client::ServiceChannel};
 use tokio::sync::{Notify, watch};
 
@@ -159,13 +163,88 @@ struct Inner {
     clock: hlc::Clock,
     metrics: metrics::ClusterMetrics,
     layout: RwLock<Arc<Layout>>,
-    clients: Mutex<HashMap<String, (String, ReplicationServiceClient<ServiceChannel>)>>,
+    clients: Mutex<HashMap<String, PeerLink>>,
     pending: Mutex<Pending>,
     handoff: handoff::Handoff,
     handoff_wake: Notify,
     events: EventPublisher,
     layout_changed: Notify,
     throttle: sync::Throttle,
+}
+
+type Client = ReplicationServiceClient<ServiceChannel>;
+
+/// The coalesced calls to one peer (see [`batch`]): record reads, pending and commit rounds.
+pub(crate) struct PeerCalls {
+    /// GetRecords.
+    pub get: batch::Batcher<RecordQuery, Option<FileRecord>>,
+    /// PutRecords (the pending round, and whole records).
+    pub put: batch::Batcher<PutRecordRequest, PutRecordResponse>,
+    /// CommitRecords.
+    pub commit: batch::Batcher<CommitRecordRequest, PutRecordResponse>,
+}
+
+/// A channel to one peer: its endpoint, client and batchers.
+struct PeerLink {
+    endpoint: String,
+    client: Client,
+    calls: Arc<PeerCalls>,
+}
+
+/// Runs one replication call with `timeout`.
+async fn timed_call<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded("replica did not answer in time")),
+    }
+}
+
+fn put_results(r: peervault_proto::v1::PutRecordsResponse) -> Vec<Result<PutRecordResponse, tonic::Status>> {
+    r.results
+        .into_iter()
+        .map(|x| batch::item_result(x.status).map(|()| x.response.unwrap_or_default()))
+        .collect()
+}
+
+impl PeerCalls {
+    fn new(client: &Client, timeout: Duration, sizes: &prometheus::HistogramVec) -> Self {
+        let c = client.clone();
+        let get: batch::BatchCall<RecordQuery, Option<FileRecord>> = Arc::new(move |queries| {
+            let mut c = c.clone();
+            Box::pin(async move {
+                let r = timed_call(timeout, c.get_records(GetRecordsRequest { queries })).await?;
+                Ok(r.results
+                    .into_iter()
+                    .map(|x| batch::item_result(x.status).map(|()| x.record))
+                    .collect())
+            })
+        });
+        let c = client.clone();
+        let put: batch::BatchCall<PutRecordRequest, PutRecordResponse> = Arc::new(move |requests| {
+            let mut c = c.clone();
+            Box::pin(async move {
+                let r = timed_call(timeout, c.put_records(PutRecordsRequest { requests })).await?;
+                Ok(put_results(r))
+            })
+        });
+        let c = client.clone();
+        let commit: batch::BatchCall<CommitRecordRequest, PutRecordResponse> = Arc::new(move |requests| {
+            let mut c = c.clone();
+            Box::pin(async move {
+                let r = timed_call(timeout, c.commit_records(CommitRecordsRequest { requests })).await?;
+                Ok(put_results(r))
+            })
+        });
+        let h = |call: &str| Some(sizes.with_label_values(&[call]));
+        PeerCalls {
+            get: batch::Batcher::new(get, batch::MAX_BATCH, h("get_records")),
+            put: batch::Batcher::new(put, batch::MAX_BATCH, h("put_records")),
+            commit: batch::Batcher::new(commit, batch::MAX_BATCH, h("commit_records")),
+        }
+    }
 }
 
 /// The coordinator. Cheap to clone.
@@ -338,23 +417,35 @@ impl Cluster {
         }
     }
 
-    /// A client for member `id` (`None` when it is not in the view or its endpoint is bad).
-    fn client(&self, id: &str) -> Option<ReplicationServiceClient<ServiceChannel>> {
+    /// The channel to member `id` (`None` when it is not in the view or its endpoint is bad).
+    fn link(&self, id: &str) -> Option<(Client, Arc<PeerCalls>)> {
         let layout = self.layout();
         let peer = layout.peers.get(id)?;
         let mut clients = self.inner.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((ep, c)) = clients.get(id)
-            && *ep == peer.endpoint
+        if let Some(l) = clients.get(id)
+            && l.endpoint == peer.endpoint
         {
-            return Some(c.clone());
+            return Some((l.client.clone(), l.calls.clone()));
         }
         match self.inner.ctx.channel("--peers", &peer.endpoint) {
             Ok(ch) => {
                 let c = ReplicationServiceClient::new(ch)
                     .max_decoding_message_size(self.inner.ctx.config.max_message_size as usize)
                     .max_encoding_message_size(self.inner.ctx.config.max_message_size as usize);
-                clients.insert(id.to_string(), (peer.endpoint.clone(), c.clone()));
-                Some(c)
+                let calls = Arc::new(PeerCalls::new(
+                    &c,
+                    self.inner.cfg.replication_timeout,
+                    &self.inner.metrics.batch_size,
+                ));
+                clients.insert(
+                    id.to_string(),
+                    PeerLink {
+                        endpoint: peer.endpoint.clone(),
+                        client: c.clone(),
+                        calls: calls.clone(),
+                    },
+                );
+                Some((c, calls))
             }
             Err(e) => {
                 tracing::warn!(peer = %id, error = %e, "cannot build a channel to a replica");
@@ -363,15 +454,22 @@ impl Cluster {
         }
     }
 
+    /// A client for member `id` (`None` when it is not in the view or its endpoint is bad).
+    fn client(&self, id: &str) -> Option<ReplicationServiceClient<ServiceChannel>> {
+        self.link(id).map(|(c, _)| c)
+    }
+
+    /// The coalescing batchers for member `id`.
+    pub(crate) fn calls(&self, id: &str) -> Option<Arc<PeerCalls>> {
+        self.link(id).map(|(_, b)| b)
+    }
+
     /// Runs one replication call with the replication timeout.
     async fn timed<T>(
         &self,
         fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, tonic::Status> {
-        match tokio::time::timeout(self.inner.cfg.replication_timeout, fut).await {
-            Ok(r) => r.map(tonic::Response::into_inner),
-            Err(_) => Err(tonic::Status::deadline_exceeded("replica did not answer in time")),
-        }
+        timed_call(self.inner.cfg.replication_timeout, fut).await
     }
 
     /// Holds a record invisible until it is committed (or expires).

@@ -3,11 +3,11 @@
 //! then the healthiest owner, failing over on error or hash mismatch; a corrupt local copy is
 //! replaced by a good one.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, stream::FuturesUnordered};
-use peervault_proto::v1::{FileRecord, GetChunkRequest, GetRecordRequest, ListRecordsRequest};
+use peervault_proto::v1::{FileRecord, GetChunkRequest, ListRecordsRequest, RecordQuery};
 
 use super::{Cluster, Layout, majority};
 use crate::{
@@ -60,15 +60,22 @@ fn newer(a: &FileRecord, b: &FileRecord) -> bool {
 }
 
 impl Cluster {
-    /// Reads the record of `key` from a majority of its owners (all of them when
-    /// `all_owners`), repairing stale ones. With fewer than a majority answering, the newest
-    /// of those that did is served (a degraded read) unless `--strict-reads`.
+    /// Reads the record of `key` from a majority of its owners, repairing stale ones. With
+    /// fewer than a majority answering, the newest of those that did is served (a degraded
+    /// read) unless `--strict-reads`.
+    ///
+    /// Only as many remote owners as a majority needs are asked (the healthiest first, ties
+    /// spread by key), each through the per-peer batcher; another is asked when one fails or
+    /// has not answered within [`HEDGE_AFTER`]. When this pod holds a copy, the remote owners
+    /// send only the record (its clock), never a small object's content: the content comes from
+    /// the local copy when it is the newest, else from the owner that has the newest.
     pub async fn read_record(&self, key: &str, with_data: bool) -> Result<ReadOutcome> {
         let layout = self.layout();
         let owners = layout.owners(key);
         let me_owner = owners.iter().any(|o| layout.is_self(o));
         let mut answers: Vec<(String, Option<FileRecord>)> = Vec::new();
-        if me_owner || owners.is_empty() {
+        let local_read = me_owner || owners.is_empty();
+        if local_read {
             let s = self.store().clone();
             let k = key.to_string();
             let local = tokio::task::spawn_blocking(move || s.replica_record(&k, with_data))
@@ -82,43 +89,47 @@ impl Cluster {
             .filter(|o| !layout.is_self(o))
             .filter_map(|o| layout.peers.get(o))
             .collect();
-        remote.sort_by_key(|p| p.rank);
+        remote.sort_by_key(|p| (p.rank, spread(key, &p.id)));
+        let without_data = !with_data || local_read;
+        let mut queue = remote.into_iter().map(|p| p.id.clone());
         let mut calls = FuturesUnordered::new();
-        for p in remote {
-            let Some(mut c) = self.client(&p.id) else { continue };
-            let me = self.clone();
-            let id = p.id.clone();
-            let req = GetRecordRequest { key: key.to_string() };
-            calls.push(async move { (id, me.timed(c.get_record(req)).await) });
+        while answers.len() + calls.len() < need {
+            let Some(id) = queue.next() else { break };
+            calls.push(self.ask_record(id, key, without_data));
         }
         let mut failed: HashSet<String> = HashSet::new();
+        let hedge = tokio::time::sleep(HEDGE_AFTER);
+        tokio::pin!(hedge);
         while answers.len() < need {
-            let Some((id, r)) = calls.next().await else { break };
-            match r {
-                Ok(resp) => answers.push((id, resp.record)),
-                Err(st) => {
-                    tracing::debug!(key, replica = %id, code = ?st.code(), "replica did not answer a record read");
-                    failed.insert(id);
+            if calls.is_empty() {
+                let Some(id) = queue.next() else { break };
+                calls.push(self.ask_record(id, key, without_data));
+                continue;
+            }
+            tokio::select! {
+                next = calls.next() => {
+                    let Some((id, r)) = next else { continue };
+                    match r {
+                        Ok(rec) => answers.push((id, rec)),
+                        Err(st) => {
+                            tracing::debug!(key, replica = %id, code = ?st.code(), "replica did not answer a record read");
+                            failed.insert(id);
+                            if let Some(id) = queue.next() {
+                                calls.push(self.ask_record(id, key, without_data));
+                            }
+                        }
+                    }
+                }
+                () = &mut hedge => {
+                    if let Some(id) = queue.next() {
+                        tracing::debug!(key, replica = %id, "record read is slow; asking another owner too");
+                        calls.push(self.ask_record(id, key, without_data));
+                    }
+                    hedge.as_mut().reset(tokio::time::Instant::now() + HEDGE_AFTER);
                 }
             }
         }
         drop(calls);
-        if answers.len() < need {
-            if self.inner.cfg.strict_reads || answers.is_empty() {
-                return Err(BlobError::Unavailable(format!(
-                    "only {} of {} owners of '{key}' answered (a majority is needed)",
-                    answers.len(),
-                    owners.len()
-                )));
-            }
-            self.inner.metrics.degraded_reads.inc();
-            tracing::warn!(
-                key,
-                answered = answers.len(),
-                owners = owners.len(),
-                "degraded read: fewer than a majority of owners answered"
-            );
-        }
         let newest = answers
             .iter()
             .filter_map(|(_, r)| r.as_ref())
@@ -127,6 +138,10 @@ impl Cluster {
                 _ => Some(r),
             })
             .cloned();
+        let newest = match newest {
+            Some(n) if with_data && lacks_data(&n) => Some(self.with_content(n, &answers).await),
+            other => other,
+        };
         let mut replicas = Vec::new();
         let mut local_current = false;
         for o in &owners {
@@ -176,6 +191,46 @@ impl Cluster {
             replicas,
             local_current,
         })
+    }
+
+    /// One owner's record of `key` through its batcher.
+    async fn ask_record(
+        &self,
+        id: String,
+        key: &str,
+        without_data: bool,
+    ) -> (String, Result<Option<FileRecord>, tonic::Status>) {
+        let q = RecordQuery {
+            key: key.to_string(),
+            without_data,
+        };
+        let r = match self.calls(&id) {
+            Some(c) => c.get.call(q).await,
+            None => Err(tonic::Status::unavailable(format!("no channel to {id}"))),
+        };
+        (id, r)
+    }
+
+    /// `newest` with its small object's content, asked of an owner that answered with it (a
+    /// remote owner held a newer record than this pod). Without an answer the record is served
+    /// as it is and the content is fetched by chunk hash, with failover.
+    async fn with_content(&self, newest: FileRecord, answers: &[(String, Option<FileRecord>)]) -> FileRecord {
+        let layout = self.layout();
+        let holders = answers
+            .iter()
+            .filter(|(id, r)| {
+                !id.is_empty() && !layout.is_self(id) && r.as_ref().is_some_and(|r| clock(r) == clock(&newest))
+            })
+            .map(|(id, _)| id.clone());
+        for id in holders {
+            match self.ask_record(id.clone(), &newest.key, false).await {
+                (_, Ok(Some(r))) if clock(&r) == clock(&newest) => return r,
+                (_, r) => {
+                    tracing::debug!(key = %newest.key, replica = %id, ok = r.is_ok(), "replica did not send the newest record's content")
+                }
+            }
+        }
+        newest
     }
 
     /// Fetches one chunk of `key`'s content: the local copy first, then the owners by health,
@@ -407,6 +462,26 @@ impl Cluster {
 }
 
 use super::Peer;
+
+/// How long a record read waits for the owners asked first before it asks one more.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(100);
+
+/// Orders owners of equal health differently per key, so reads spread over them.
+fn spread(key: &str, id: &str) -> u8 {
+    let mut h = blake3::Hasher::new();
+    h.update(key.as_bytes());
+    h.update(id.as_bytes());
+    h.finalize().as_bytes()[0]
+}
+
+/// Whether `r` is a small object whose content should ride in the record but does not.
+fn lacks_data(r: &FileRecord) -> bool {
+    !r.deleted
+        && r.inline_data.is_empty()
+        && r.size > 0
+        && r.size as usize <= crate::store::INLINE_MAX
+        && r.chunk_hashes.len() == 1
+}
 
 struct Source {
     id: String,

@@ -2,10 +2,17 @@
 //! memory at a time), hold pending records, commit them, apply records if newer, and answer
 //! record and digest queries.
 
-use bytes::{Bytes, BytesMut};
-use peervault_proto::v1::{ChunkData, FileRecord, HybridTimestamp};
+use std::collections::VecDeque;
 
-use super::Cluster;
+use bytes::{Bytes, BytesMut};
+use peervault_proto::v1::{
+    ChunkData, CommitRecordRequest, FileRecord, GetRecordsResult, HybridTimestamp, PutRecordRequest, PutRecordResponse,
+    PutRecordsResult, RecordQuery,
+};
+use tokio::task::JoinHandle;
+use tonic::Status;
+
+use super::{Cluster, batch};
 use crate::{
     error::{BlobError, Result},
     store::{
@@ -13,6 +20,12 @@ use crate::{
         replica::{PARTITIONS, check_record, hlc_from_wire},
     },
 };
+
+fn missing_content(key: &str) -> BlobError {
+    BlobError::FailedPrecondition(format!(
+        "record '{key}' references chunks this pod does not hold: send them with PutChunks first"
+    ))
+}
 
 /// Largest chunk a replica accepts (the largest `--chunk-size`).
 pub const MAX_CHUNK: usize = 16 * 1024 * 1024;
@@ -24,10 +37,61 @@ fn hash32(b: &[u8]) -> Result<[u8; 32]> {
     <[u8; 32]>::try_from(b).map_err(|_| BlobError::invalid(format!("a chunk hash is 32 bytes, not {}", b.len())))
 }
 
-/// Assembles PutChunks pieces into chunks and stores each as it completes.
+/// Chunks a PutChunks stream stores at once: while one is written and fsynced, the next is
+/// received (the fsyncs of several chunks overlap on the device).
+pub const SINK_IN_FLIGHT: usize = 2;
+
+fn check_batch(n: usize) -> Result<()> {
+    if n > batch::MAX_ITEMS {
+        return Err(BlobError::invalid(format!(
+            "{n} items in one batched call; at most {}",
+            batch::MAX_ITEMS
+        )));
+    }
+    Ok(())
+}
+
+fn clock(h: Option<&HybridTimestamp>) -> Option<(u64, u32, String)> {
+    h.map(|h| (h.physical_ms, h.logical, h.node_id.clone()))
+}
+
+/// A pending record's answer given what this pod holds: refused with the held clock when that
+/// is as new or newer, else held.
+fn pending_verdict(cluster: &Cluster, held: Option<FileRecord>, r: FileRecord) -> Result<PutRecordResponse> {
+    if let Some(h) = held
+        && clock(h.hlc.as_ref()) >= clock(r.hlc.as_ref())
+    {
+        return Ok(PutRecordResponse {
+            applied: false,
+            held: h.hlc,
+        });
+    }
+    cluster.hold_pending(r)?;
+    Ok(PutRecordResponse {
+        applied: true,
+        held: None,
+    })
+}
+
+fn put_result(r: Result<PutRecordResponse>) -> PutRecordsResult {
+    match r {
+        Ok(resp) => PutRecordsResult {
+            response: Some(resp),
+            status: None,
+        },
+        Err(e) => PutRecordsResult {
+            response: None,
+            status: batch::item_status(&Err(Status::from(e))),
+        },
+    }
+}
+
+/// Assembles PutChunks pieces into chunks and stores each as it completes, up to
+/// [`SINK_IN_FLIGHT`] at once.
 pub struct ChunkSink {
     cluster: Cluster,
     cur: Option<([u8; 32], BytesMut)>,
+    writing: VecDeque<JoinHandle<Result<(bool, u64)>>>,
     /// Chunks newly stored.
     pub stored: u32,
     /// Bytes newly stored.
@@ -40,6 +104,7 @@ impl Cluster {
         ChunkSink {
             cluster: self.clone(),
             cur: None,
+            writing: VecDeque::new(),
             stored: 0,
             bytes: 0,
         }
@@ -78,16 +143,133 @@ impl Cluster {
             let held = tokio::task::spawn_blocking(move || s.replica_record(&k, false))
                 .await
                 .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))??;
-            let clock = |h: Option<&HybridTimestamp>| h.map(|h| (h.physical_ms, h.logical, h.node_id.clone()));
-            if let Some(h) = held
-                && clock(h.hlc.as_ref()) >= clock(r.hlc.as_ref())
-            {
-                return Ok((false, h.hlc));
-            }
-            self.hold_pending(r)?;
-            return Ok((true, None));
+            let v = pending_verdict(self, held, r)?;
+            return Ok((v.applied, v.held));
         }
         Ok((self.apply_checked(r).await?, None))
+    }
+
+    /// PutRecords: every request as PutRecord would answer it, the pending ones checked against
+    /// the held records in one read of the index.
+    pub async fn serve_put_records(&self, reqs: Vec<PutRecordRequest>) -> Result<Vec<PutRecordsResult>> {
+        check_batch(reqs.len())?;
+        let mut out: Vec<Option<Result<PutRecordResponse>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut pending = Vec::new();
+        let mut whole = Vec::new();
+        for (i, q) in reqs.into_iter().enumerate() {
+            let Some(r) = q.record else {
+                out[i] = Some(Err(BlobError::invalid("PutRecord without a record")));
+                continue;
+            };
+            if let Err(e) = check_record(&r).and_then(|_| self.observe(r.hlc.as_ref())) {
+                out[i] = Some(Err(e));
+                continue;
+            }
+            if q.pending {
+                pending.push((i, r));
+            } else {
+                whole.push((i, r));
+            }
+        }
+        if !pending.is_empty() {
+            let s = self.store().clone();
+            let keys: Vec<String> = pending.iter().map(|(_, r)| r.key.clone()).collect();
+            let held: Vec<Result<Option<FileRecord>>> =
+                tokio::task::spawn_blocking(move || keys.iter().map(|k| s.replica_record(k, false)).collect())
+                    .await
+                    .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))?;
+            for ((i, r), h) in pending.into_iter().zip(held) {
+                out[i] = Some(h.and_then(|h| pending_verdict(self, h, r)));
+            }
+        }
+        // Whole records are applied together: the store groups them into one commit.
+        let applied = futures_util::future::join_all(whole.into_iter().map(|(i, r)| async move {
+            (
+                i,
+                self.apply_checked(r)
+                    .await
+                    .map(|applied| PutRecordResponse { applied, held: None }),
+            )
+        }))
+        .await;
+        for (i, r) in applied {
+            out[i] = Some(r);
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| put_result(r.unwrap_or_else(|| Err(BlobError::Unavailable("item not processed".into())))))
+            .collect())
+    }
+
+    /// CommitRecords: every pending record named is applied; all in one grouped index commit
+    /// (one fsync for the batch) before the reply.
+    pub async fn serve_commit_records(&self, reqs: Vec<CommitRecordRequest>) -> Result<Vec<PutRecordsResult>> {
+        check_batch(reqs.len())?;
+        let mut out: Vec<Option<Result<PutRecordResponse>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut taken = Vec::new();
+        for (i, q) in reqs.into_iter().enumerate() {
+            match self.take_pending_checked(&q.key, q.hlc.as_ref()) {
+                Ok(r) => taken.push((i, r)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        if !taken.is_empty() {
+            let s = self.store().clone();
+            let probes: Vec<FileRecord> = taken.iter().map(|(_, r)| r.clone()).collect();
+            let has: Vec<Result<bool>> =
+                tokio::task::spawn_blocking(move || probes.iter().map(|r| s.has_content(r)).collect())
+                    .await
+                    .map_err(|e| BlobError::Unavailable(format!("check task failed: {e}")))?;
+            let applied = futures_util::future::join_all(taken.into_iter().zip(has).map(|((i, r), has)| async move {
+                let res = match has {
+                    Ok(true) => self
+                        .store()
+                        .apply_record(r, None)
+                        .await
+                        .map(|(applied, _)| PutRecordResponse { applied, held: None }),
+                    Ok(false) => Err(missing_content(&r.key)),
+                    Err(e) => Err(e),
+                };
+                (i, res)
+            }))
+            .await;
+            for (i, r) in applied {
+                out[i] = Some(r);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| put_result(r.unwrap_or_else(|| Err(BlobError::Unavailable("item not processed".into())))))
+            .collect())
+    }
+
+    /// GetRecords: every query answered from one blocking task.
+    pub async fn serve_get_records(&self, queries: Vec<RecordQuery>) -> Result<Vec<GetRecordsResult>> {
+        check_batch(queries.len())?;
+        let s = self.store().clone();
+        let got: Vec<Result<Option<FileRecord>>> = tokio::task::spawn_blocking(move || {
+            queries
+                .iter()
+                .map(|q| {
+                    if q.key.is_empty() {
+                        return Err(BlobError::invalid("empty key"));
+                    }
+                    s.replica_record(&q.key, !q.without_data)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| BlobError::Unavailable(format!("read task failed: {e}")))?;
+        Ok(got
+            .into_iter()
+            .map(|r| match r {
+                Ok(record) => GetRecordsResult { record, status: None },
+                Err(e) => GetRecordsResult {
+                    record: None,
+                    status: batch::item_status(&Err(Status::from(e))),
+                },
+            })
+            .collect())
     }
 
     async fn apply_checked(&self, r: FileRecord) -> Result<bool> {
@@ -97,27 +279,29 @@ impl Cluster {
             .await
             .map_err(|e| BlobError::Unavailable(format!("check task failed: {e}")))??;
         if !has {
-            return Err(BlobError::FailedPrecondition(format!(
-                "record '{}' references chunks this pod does not hold: send them with PutChunks first",
-                r.key
-            )));
+            return Err(missing_content(&r.key));
         }
         let (applied, _) = self.store().apply_record(r, None).await?;
         Ok(applied)
     }
 
-    /// CommitRecord: applies the pending record named by key and clock.
-    pub async fn serve_commit(&self, key: &str, hlc: Option<&HybridTimestamp>) -> Result<bool> {
+    /// The pending record named by key and clock, taken out to be committed.
+    fn take_pending_checked(&self, key: &str, hlc: Option<&HybridTimestamp>) -> Result<FileRecord> {
         if key.is_empty() {
             return Err(BlobError::invalid("commit without a key"));
         }
         let h = hlc.ok_or_else(|| BlobError::invalid("commit without a clock"))?;
         self.observe(Some(h))?;
-        let Some(r) = self.take_pending(key, &hlc_from_wire(h)) else {
-            return Err(BlobError::NotFound(format!(
+        self.take_pending(key, &hlc_from_wire(h)).ok_or_else(|| {
+            BlobError::NotFound(format!(
                 "no pending record of '{key}' at that clock (expired or this pod restarted): send it with PutRecord"
-            )));
-        };
+            ))
+        })
+    }
+
+    /// CommitRecord: applies the pending record named by key and clock.
+    pub async fn serve_commit(&self, key: &str, hlc: Option<&HybridTimestamp>) -> Result<bool> {
+        let r = self.take_pending_checked(key, hlc)?;
         self.apply_checked(r).await
     }
 
@@ -220,7 +404,7 @@ impl ChunkSink {
         let h = hash32(&m.hash)?;
         let same = self.cur.as_ref().is_some_and(|(c, _)| *c == h);
         if !same {
-            self.flush().await?;
+            self.seal().await?;
             self.cur = Some((h, BytesMut::new()));
         }
         if let Some((_, buf)) = &mut self.cur {
@@ -235,19 +419,44 @@ impl ChunkSink {
         Ok(())
     }
 
-    /// Stores the chunk being assembled, if any.
-    pub async fn flush(&mut self) -> Result<()> {
-        let Some((h, buf)) = self.cur.take() else { return Ok(()) };
-        let data = buf.freeze();
-        let n = data.len() as u64;
-        let s = self.cluster.store().clone();
-        let new = tokio::task::spawn_blocking(move || s.put_chunk(&h, &data))
+    /// Starts storing the chunk being assembled, if any; waits for the oldest write once
+    /// [`SINK_IN_FLIGHT`] are running (memory stays bounded by that many chunks).
+    async fn seal(&mut self) -> Result<()> {
+        if let Some((h, buf)) = self.cur.take() {
+            let data = buf.freeze();
+            let n = data.len() as u64;
+            let s = self.cluster.store().clone();
+            self.writing.push_back(tokio::task::spawn_blocking(move || {
+                s.put_chunk(&h, &data).map(|new| (new, n))
+            }));
+        }
+        while self.writing.len() > SINK_IN_FLIGHT {
+            self.wait_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<()> {
+        let Some(t) = self.writing.pop_front() else {
+            return Ok(());
+        };
+        let (new, n) = t
             .await
             .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))??;
         self.cluster.inner.metrics.bytes_received.inc_by(n);
         if new {
             self.stored += 1;
             self.bytes += n;
+        }
+        Ok(())
+    }
+
+    /// Stores the chunk being assembled, if any, and waits until every chunk of the stream is
+    /// durable.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.seal().await?;
+        while !self.writing.is_empty() {
+            self.wait_oldest().await?;
         }
         Ok(())
     }

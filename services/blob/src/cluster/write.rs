@@ -4,7 +4,10 @@
 //! it. The client is acknowledged when a majority committed durably; owners that missed it are
 //! in the persisted hand-off queue before the acknowledgement.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashSet, VecDeque},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use peervault_proto::v1::{ChunkData, CommitRecordRequest, FileRecord, PutChunksResponse, PutRecordRequest};
@@ -70,12 +73,22 @@ struct RemoteStream {
 
 /// Streams an upload's chunks to the file's remote owners as they are sealed. Created before
 /// the first byte; [`Replicator::forward`] runs on the upload's writer thread after every
-/// write.
+/// write. The PutChunks streams are opened with the first chunk to send, so a small object
+/// (its content inside the record) costs no stream at all.
 pub struct Replicator {
     cluster: Cluster,
     key: String,
+    /// Remote owners to stream to.
+    targets: Vec<String>,
     streams: Vec<RemoteStream>,
+    opened: bool,
+    /// Chunks sent (or handed to the streams) so far.
     sent: usize,
+    /// Chunks of the upload made durable locally so far.
+    durable: usize,
+    /// Received bytes from the start of chunk `sent` on, not yet sent.
+    buf: VecDeque<Bytes>,
+    buffered: usize,
     timeout: Duration,
 }
 
@@ -86,14 +99,38 @@ impl Cluster {
         if layout.is_solo() {
             return None;
         }
-        let mut streams = Vec::new();
-        for id in layout.owners(key) {
-            // Owners the peer service reports down are still tried: under load a health check
-            // can time out while the pod is fine, and a pod that is really gone fails fast.
-            if layout.is_self(&id) {
+        // Owners the peer service reports down are still tried: under load a health check
+        // can time out while the pod is fine, and a pod that is really gone fails fast.
+        let targets = layout
+            .owners(key)
+            .into_iter()
+            .filter(|id| !layout.is_self(id))
+            .collect();
+        Some(Replicator {
+            cluster: self.clone(),
+            key: key.to_string(),
+            targets,
+            streams: Vec::new(),
+            opened: false,
+            sent: 0,
+            durable: 0,
+            buf: VecDeque::new(),
+            buffered: 0,
+            timeout: self.inner.cfg.replication_timeout,
+        })
+    }
+}
+
+impl Replicator {
+    /// Opens one PutChunks stream per remote owner (once).
+    fn open(&mut self) {
+        if std::mem::replace(&mut self.opened, true) {
+            return;
+        }
+        for id in &self.targets {
+            let Some(mut client) = self.cluster.client(id) else {
                 continue;
-            }
-            let Some(mut client) = self.client(&id) else { continue };
+            };
             let (tx, rx) = mpsc::channel::<ChunkData>(super::WINDOW);
             let task = tokio::spawn(async move {
                 client
@@ -101,35 +138,29 @@ impl Cluster {
                     .await
                     .map(tonic::Response::into_inner)
             });
-            streams.push(RemoteStream {
-                id,
+            self.streams.push(RemoteStream {
+                id: id.clone(),
                 tx: Some(tx),
                 task,
                 failed: false,
             });
         }
-        Some(Replicator {
-            cluster: self.clone(),
-            key: key.to_string(),
-            streams,
-            sent: 0,
-            timeout: self.inner.cfg.replication_timeout,
-        })
     }
-}
 
-impl Replicator {
-    async fn send_chunk(&mut self, c: &ChunkMeta, data: Bytes) {
+    /// Sends one chunk, as `pieces` (each at most [`super::MAX_PIECE`]), to every stream still
+    /// taking chunks.
+    async fn send_chunk(&mut self, c: &ChunkMeta, pieces: Vec<Bytes>) {
+        self.open();
         let metrics = self.cluster.inner.metrics.clone();
+        let hash = Bytes::copy_from_slice(&c.hash);
         for s in &mut self.streams {
             let Some(tx) = &s.tx else { continue };
             let mut ok = true;
-            for i in (0..data.len().max(1)).step_by(super::MAX_PIECE) {
-                let piece = data.slice(i..(i + super::MAX_PIECE).min(data.len()));
+            for piece in &pieces {
                 let n = piece.len() as u64;
                 let msg = ChunkData {
-                    hash: Bytes::copy_from_slice(&c.hash),
-                    data: piece,
+                    hash: hash.clone(),
+                    data: piece.clone(),
                 };
                 if tx.send_timeout(msg, self.timeout).await.is_err() {
                     ok = false;
@@ -145,53 +176,113 @@ impl Replicator {
         }
     }
 
+    fn all_stopped(&self) -> bool {
+        self.opened && self.streams.iter().all(|s| s.tx.is_none())
+    }
+
+    /// The next `size` received bytes as pieces of at most [`super::MAX_PIECE`] (slices, no
+    /// copy); `None` when fewer were received through [`Replicator::forward`].
+    fn take(&mut self, size: usize) -> Option<Vec<Bytes>> {
+        if self.buffered < size {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut left = size;
+        while left > 0 {
+            let front = self.buf.front_mut()?;
+            let n = left.min(front.len()).min(super::MAX_PIECE);
+            if n > 0 {
+                out.push(front.split_to(n));
+            }
+            if front.is_empty() {
+                self.buf.pop_front();
+            }
+            left -= n;
+        }
+        self.buffered -= size;
+        if out.is_empty() {
+            out.push(Bytes::new());
+        }
+        Some(out)
+    }
+
+    /// The content of chunk `c`: from the bytes received, else read back from the local copy
+    /// (a one-message upload, whose chunks are durable by then).
+    async fn pieces_of(&mut self, c: &ChunkMeta) -> Option<Vec<Bytes>> {
+        if let Some(p) = self.take(c.size as usize) {
+            return Some(p);
+        }
+        self.buf.clear();
+        self.buffered = 0;
+        let data = match &c.inline {
+            Some(d) => d.clone(),
+            None => {
+                // Through the store: the chunk may be in a segment file, not a file of its own.
+                let (s, h) = (self.cluster.store().clone(), c.hash);
+                match tokio::task::spawn_blocking(move || s.read_chunk_any(&h)).await {
+                    Ok(Ok(d)) => d,
+                    _ => return None,
+                }
+            }
+        };
+        Some(
+            (0..data.len().max(1))
+                .step_by(super::MAX_PIECE)
+                .map(|i| data.slice(i..(i + super::MAX_PIECE).min(data.len())))
+                .collect(),
+        )
+    }
+
     async fn send_chunks(&mut self, chunks: &[ChunkMeta]) {
         for c in chunks {
-            if self.streams.iter().all(|s| s.tx.is_none()) {
+            if self.all_stopped() {
                 return;
             }
-            let data = match &c.inline {
-                Some(d) => d.clone(),
+            match self.pieces_of(c).await {
+                Some(p) => self.send_chunk(c, p).await,
                 None => {
-                    let (s, h) = (self.cluster.store().clone(), c.hash);
-                    match tokio::task::spawn_blocking(move || s.read_chunk_any(&h)).await {
-                        Ok(Ok(d)) => d,
-                        _ => {
-                            // Without the local copy no replica gets this chunk now.
-                            for s in &mut self.streams {
-                                s.tx = None;
-                                s.failed = true;
-                            }
-                            return;
-                        }
+                    // Without the content no replica gets this chunk now.
+                    self.open();
+                    for s in &mut self.streams {
+                        s.tx = None;
+                        s.failed = true;
                     }
+                    return;
                 }
-            };
-            self.send_chunk(c, data).await;
+            }
         }
     }
 
-    /// Sends the chunks `ing` sealed since the last call, once [`super::WINDOW`] of them are
-    /// waiting: they are made durable here first (published under their hash), then read
-    /// back from the page cache and streamed. Blocking (writer thread).
-    pub fn forward(&mut self, ing: &mut Ingest) -> Result<()> {
-        if ing.chunks().len() < self.sent + super::WINDOW {
-            return Ok(());
+    /// Takes `data`, just written to `ing`, and hands every chunk `ing` sealed since the last
+    /// call to the replica streams straight from memory; every [`super::WINDOW`] chunks the
+    /// local copies are made durable here while the streams carry the window to the replicas
+    /// (durability on this pod is needed only before the record is committed, not before the
+    /// replicas receive the bytes: they verify each chunk against its hash themselves). The
+    /// streams' bounded channels are the only buffering. Blocking (writer thread).
+    pub fn forward(&mut self, ing: &mut Ingest, data: Bytes) -> Result<()> {
+        self.buffered += data.len();
+        self.buf.push_back(data);
+        let sealed = ing.chunks().len();
+        if sealed > self.sent {
+            let new: Vec<ChunkMeta> = ing
+                .chunks()
+                .get(self.sent..)
+                .map(<[ChunkMeta]>::to_vec)
+                .unwrap_or_default();
+            self.sent = sealed;
+            let handle = tokio::runtime::Handle::current();
+            handle.block_on(self.send_chunks(&new));
         }
-        ing.make_durable()?;
-        let new: Vec<ChunkMeta> = ing
-            .chunks()
-            .get(self.sent..)
-            .map(<[ChunkMeta]>::to_vec)
-            .unwrap_or_default();
-        self.sent += new.len();
-        let handle = tokio::runtime::Handle::current();
-        handle.block_on(self.send_chunks(&new));
+        if sealed >= self.durable + super::WINDOW {
+            ing.make_durable()?;
+            self.durable = sealed;
+        }
         Ok(())
     }
 
     /// Sends what is left of a finished upload's chunks, closes the streams and returns the
-    /// remote owners that confirmed every chunk durable.
+    /// remote owners that confirmed every chunk durable (every remote owner when there was
+    /// nothing to send).
     async fn finish(mut self, content: &Finished) -> (Cluster, HashSet<String>) {
         let rest: Vec<ChunkMeta> = content
             .blob
@@ -204,6 +295,9 @@ impl Replicator {
             .filter(|c| c.inline.is_none())
             .collect();
         self.send_chunks(&rest).await;
+        if !self.opened {
+            return (self.cluster, self.targets.into_iter().collect());
+        }
         let mut ok = HashSet::new();
         for s in self.streams {
             drop(s.tx);
@@ -270,14 +364,13 @@ impl Cluster {
                 if layout.is_self(o) || eligible.is_some_and(|e| !e.contains(o)) {
                     continue;
                 }
-                let Some(mut c) = self.client(o) else { continue };
+                let Some(c) = self.calls(o) else { continue };
                 let req = PutRecordRequest {
                     record: Some(rec.clone()),
                     pending: true,
                 };
-                let me = self.clone();
                 let id = o.clone();
-                calls.push(async move { (id, me.timed(c.put_record(req)).await) });
+                calls.push(async move { (id, c.put.call(req).await) });
             }
             let mut newer: Option<crate::store::records::Hlc> = None;
             if me_owner && let Some(id) = &layout.self_id {
@@ -334,29 +427,15 @@ impl Cluster {
                 rec.key
             )));
         }
-        // Round 2: commit.
+        // Round 2: commit, this pod's copy at the same time as the remote ones (each owner's
+        // fsync is on the critical path once, not one after the other).
         let mut committed: HashSet<String> = HashSet::new();
-        let mut replaced = None;
-        let mut local = local;
-        if me_owner {
-            match self.store().apply_record(rec.clone(), local.take()).await {
-                Ok((_, old)) => {
-                    replaced = old;
-                    if let Some(id) = &layout.self_id {
-                        committed.insert(id.clone());
-                    }
-                }
-                Err(e) => tracing::warn!(key = %rec.key, error = %e, "local replica could not apply the record"),
-            }
-        } else if let Some(f) = local.take() {
-            f.discard();
-        }
         let mut calls = Vec::new();
         for o in &pending_ok {
             if layout.is_self(o) {
                 continue;
             }
-            let Some(mut c) = self.client(o) else { continue };
+            let Some(c) = self.calls(o) else { continue };
             let req = CommitRecordRequest {
                 key: rec.key.clone(),
                 hlc: rec.hlc.clone(),
@@ -365,19 +444,42 @@ impl Cluster {
                 record: Some(rec.clone()),
                 pending: false,
             };
-            let me = self.clone();
             let id = o.clone();
             calls.push(async move {
-                let r = match me.timed(c.commit_record(req)).await {
+                let r = match c.commit.call(req).await {
                     // The pending copy expired or the replica restarted: send it whole.
-                    Err(st) if st.code() == Code::NotFound => me.timed(c.put_record(full)).await.map(|_| ()),
+                    Err(st) if st.code() == Code::NotFound => c.put.call(full).await.map(|_| ()),
                     r => r.map(|_| ()),
                 };
                 (id, r)
             });
         }
-        let have = committed.len();
-        for (id, r) in gather(calls, |n| n + have >= majority(owners.len())).await {
+        let local_commit = async {
+            if me_owner {
+                Some(self.store().apply_record(rec.clone(), local).await)
+            } else {
+                if let Some(f) = local {
+                    f.discard();
+                }
+                None
+            }
+        };
+        // This pod's own commit is counted as if it succeeds (it nearly always does); if it
+        // fails, the quorum check below sees it.
+        let have = usize::from(me_owner);
+        let (local_result, remote) = tokio::join!(local_commit, gather(calls, |n| n + have >= majority(owners.len())));
+        let mut replaced = None;
+        match local_result {
+            Some(Ok((_, old))) => {
+                replaced = old;
+                if let Some(id) = &layout.self_id {
+                    committed.insert(id.clone());
+                }
+            }
+            Some(Err(e)) => tracing::warn!(key = %rec.key, error = %e, "local replica could not apply the record"),
+            None => {}
+        }
+        for (id, r) in remote {
             match r {
                 Ok(()) => {
                     committed.insert(id);

@@ -185,7 +185,7 @@ impl BlobApi {
                     while let Some(data) = rx.blocking_recv() {
                         ing.write(&data)?;
                         if let Some(r) = &mut r {
-                            r.forward(&mut ing)?;
+                            r.forward(&mut ing, data)?;
                         }
                     }
                     Ok::<_, BlobError>((ing, r))

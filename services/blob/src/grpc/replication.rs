@@ -98,6 +98,42 @@ impl ReplicationService for ReplicationApi {
         Ok(Response::new(GetRecordResponse { record }))
     }
 
+    async fn get_records(
+        &self,
+        req: Request<peervault_proto::v1::GetRecordsRequest>,
+    ) -> Result<Response<peervault_proto::v1::GetRecordsResponse>, Status> {
+        let results = self
+            .cluster
+            .serve_get_records(req.into_inner().queries)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(peervault_proto::v1::GetRecordsResponse { results }))
+    }
+
+    async fn put_records(
+        &self,
+        req: Request<peervault_proto::v1::PutRecordsRequest>,
+    ) -> Result<Response<peervault_proto::v1::PutRecordsResponse>, Status> {
+        let results = self
+            .cluster
+            .serve_put_records(req.into_inner().requests)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(peervault_proto::v1::PutRecordsResponse { results }))
+    }
+
+    async fn commit_records(
+        &self,
+        req: Request<peervault_proto::v1::CommitRecordsRequest>,
+    ) -> Result<Response<peervault_proto::v1::PutRecordsResponse>, Status> {
+        let results = self
+            .cluster
+            .serve_commit_records(req.into_inner().requests)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(peervault_proto::v1::PutRecordsResponse { results }))
+    }
+
     async fn list_records(&self, req: Request<ListRecordsRequest>) -> Result<Response<BoxStream<FileRecord>>, Status> {
         let req = req.into_inner();
         if req
