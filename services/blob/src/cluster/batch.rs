@@ -17,6 +17,7 @@ use futures_util::future::BoxFuture;
 use prometheus::Histogram;
 use tokio::sync::oneshot;
 use tonic::Status;
+use tracing::Instrument;
 
 /// Most items in one batched call (the server refuses more than [`MAX_ITEMS`]).
 pub const MAX_BATCH: usize = 256;
@@ -29,7 +30,9 @@ pub const MAX_ITEMS: usize = 1024;
 pub type BatchCall<Q, A> =
     Arc<dyn Fn(Vec<Q>) -> BoxFuture<'static, Result<Vec<Result<A, Status>>, Status>> + Send + Sync>;
 
-type Waiter<Q, A> = (Q, oneshot::Sender<Result<A, Status>>);
+/// A queued request: the item, where its answer goes, and the caller's span and W3C
+/// traceparent, so the call that carries it stays in the caller's trace.
+type Waiter<Q, A> = (Q, oneshot::Sender<Result<A, Status>>, tracing::Span, Option<String>);
 
 struct State<Q, A> {
     queue: VecDeque<Waiter<Q, A>>,
@@ -73,9 +76,11 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     /// Sends `q` in the next batch and waits for its result.
     pub async fn call(&self, q: Q) -> Result<A, Status> {
         let (tx, rx) = oneshot::channel();
+        let caller = tracing::Span::current();
+        let traceparent = peervault_runtime::telemetry::current_traceparent();
         let start = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            s.queue.push_back((q, tx));
+            s.queue.push_back((q, tx, caller, traceparent));
             !std::mem::replace(&mut s.running, true)
         };
         if start {
@@ -92,7 +97,7 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
             let batch: Vec<Waiter<Q, A>> = {
                 let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 // Requests whose callers stopped waiting are not sent at all.
-                s.queue.retain(|(_, tx)| !tx.is_closed());
+                s.queue.retain(|(_, tx, _, _)| !tx.is_closed());
                 if s.queue.is_empty() {
                     s.running = false;
                     return;
@@ -103,8 +108,35 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
             if let Some(h) = &self.sizes {
                 h.observe(batch.len() as f64);
             }
-            let (items, waiters): (Vec<Q>, Vec<_>) = batch.into_iter().unzip();
-            match (self.call)(items).await {
+            let mut items = Vec::with_capacity(batch.len());
+            let mut waiters = Vec::with_capacity(batch.len());
+            let mut callers = Vec::with_capacity(batch.len());
+            let mut traceparents = Vec::with_capacity(batch.len());
+            for (q, tx, span, tp) in batch {
+                items.push(q);
+                waiters.push(tx);
+                callers.push(span);
+                traceparents.push(tp);
+            }
+            // A call carrying one request continues its caller's trace (an idle pod's writes
+            // stay one trace across the replicas); one carrying several is a root linked to
+            // every caller, the way a batched event publish is.
+            let span = match callers.as_slice() {
+                [one] => tracing::info_span!(parent: one, "replication_batch", items = 1),
+                _ => {
+                    let span = tracing::info_span!(parent: None, "replication_batch", items = callers.len());
+                    peervault_runtime::telemetry::link_traceparents(
+                        &span,
+                        traceparents.iter().flatten().map(String::as_str),
+                    );
+                    span
+                }
+            };
+            let fut = {
+                let _entered = span.enter();
+                (self.call)(items)
+            };
+            match fut.instrument(span).await {
                 Ok(results) => {
                     let mut results = results.into_iter();
                     for tx in waiters {
