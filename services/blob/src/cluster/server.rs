@@ -195,10 +195,7 @@ impl Cluster {
         for (i, r) in applied {
             out[i] = Some(r);
         }
-        Ok(out
-            .into_iter()
-            .map(|r| put_result(r.unwrap_or_else(|| Err(BlobError::Unavailable("item not processed".into())))))
-            .collect())
+        Ok(item_results(out))
     }
 
     /// CommitRecords: every pending record named is applied; all in one grouped index commit
@@ -237,10 +234,7 @@ impl Cluster {
                 out[i] = Some(r);
             }
         }
-        Ok(out
-            .into_iter()
-            .map(|r| put_result(r.unwrap_or_else(|| Err(BlobError::Unavailable("item not processed".into())))))
-            .collect())
+        Ok(item_results(out))
     }
 
     /// GetRecords: every query answered from one blocking task.
@@ -460,4 +454,12 @@ impl ChunkSink {
         }
         Ok(())
     }
+}
+
+/// The per-item answers of a batched put or commit, in request order; an item left without an
+/// answer (never processed) is UNAVAILABLE rather than silently missing.
+fn item_results(out: Vec<Option<Result<PutRecordResponse>>>) -> Vec<PutRecordsResult> {
+    out.into_iter()
+        .map(|r| put_result(r.unwrap_or_else(|| Err(BlobError::Unavailable("item not processed".into())))))
+        .collect()
 }
