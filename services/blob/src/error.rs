@@ -139,6 +139,7 @@ from_redb!(
     redb::TableError,
     redb::TransactionError,
     redb::CommitError,
+    redb::SetDurabilityError,
     redb::DatabaseError
 );
 

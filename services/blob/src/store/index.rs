@@ -1,16 +1,12 @@
-//! The index: redb tables, the operations that change them, and the committer thread that
-//! applies concurrent operations in one transaction (group commit: one fsync for many writes).
+//! The index: redb tables and the operations that change them (applied in batches by the
+//! committer thread, `committer.rs`).
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Instant,
-};
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use prost::Message;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::records::{BlobRec, ChunkRec, FileRec, SegLoc, Tombstone, UploadChunkRec, UploadRec, decode};
 use crate::error::{BlobError, Result};
@@ -1011,119 +1007,4 @@ fn build_time_indexes(txn: &WriteTransaction) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Most operations folded into one transaction.
-const MAX_BATCH: usize = 256;
-
-/// What the committer thread needs from the store around each batch.
-pub(crate) struct CommitterHooks {
-    /// Sees the counters after each commit.
-    pub after_commit: Box<dyn Fn(Counters) + Send>,
-    /// Called before each batch (test builds stop or break the committer here).
-    pub before_batch: Box<dyn Fn() + Send>,
-    /// Called once if the committer panics; it then stops and never commits again.
-    pub on_fatal: Box<dyn Fn(String) + Send>,
-}
-
-/// Runs the committer on its own thread until every sender is gone. Each batch is one durable
-/// transaction (quick-repair on, so a crash never needs a full repair at start-up).
-pub(crate) fn spawn_committer(
-    db: Arc<Database>,
-    mut rx: mpsc::Receiver<Job>,
-    metrics: crate::metrics::BlobMetrics,
-    hooks: CommitterHooks,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("blob-committer".into())
-        .spawn(move || {
-            let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-            while let Some(first) = rx.blocking_recv() {
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(j) => batch.push(j),
-                        Err(_) => break,
-                    }
-                }
-                let started = Instant::now();
-                metrics.commit_batch.observe(batch.len() as f64);
-                let span = tracing::debug_span!("index_commit", ops = batch.len()).entered();
-                // A panic while applying a batch must not leave a process that looks healthy:
-                // the batch is refused, the committer stops, and the store reports it fatal.
-                let (ops, senders): (Vec<Op>, Vec<_>) = batch.drain(..).map(|j| (j.op, (j.reply, j.content))).unzip();
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    (hooks.before_batch)();
-                    let mut txn = db.begin_write()?;
-                    txn.set_quick_repair(true);
-                    let mut results = Vec::with_capacity(ops.len());
-                    for op in ops {
-                        match apply(&txn, op) {
-                            // Storage-level failures may strike half-way through an operation, so
-                            // they abort the whole transaction; refusals change nothing and do not.
-                            Err(
-                                e @ (BlobError::Index(_)
-                                | BlobError::Corrupt(_)
-                                | BlobError::Io { .. }
-                                | BlobError::VolumeFull(_)),
-                            ) => {
-                                return Err(e);
-                            }
-                            r => results.push(r),
-                        }
-                    }
-                    txn.commit()?;
-                    Ok::<Vec<Result<Reply>>, BlobError>(results)
-                }));
-                drop(span);
-                metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-                match outcome {
-                    Ok(Ok(results)) => {
-                        // Counters first, so a caller that sees its reply also sees its effect.
-                        match read_counters(&db) {
-                            Ok(c) => (hooks.after_commit)(c),
-                            Err(e) => tracing::error!(error = %e, "cannot read index counters"),
-                        }
-                        for ((tx, content), r) in senders.into_iter().zip(results) {
-                            if let Some(mut c) = content {
-                                if r.is_ok() {
-                                    c.set_committed();
-                                }
-                                drop(c);
-                            }
-                            let _ = tx.send(r);
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "index commit failed; the batch is refused");
-                        // Every job of the batch answers with the failure (a full volume is
-                        // RESOURCE_EXHAUSTED, anything else UNAVAILABLE).
-                        let full = e.is_volume_full();
-                        let msg = e.to_string();
-                        for (tx, content) in senders {
-                            drop(content);
-                            let r = if full {
-                                BlobError::VolumeFull(msg.clone())
-                            } else {
-                                BlobError::Unavailable(format!("index commit failed ({msg}); retry the request"))
-                            };
-                            let _ = tx.send(Err(r));
-                        }
-                    }
-                    Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
-                        tracing::error!(panic = %what, "the index committer panicked; no further writes are accepted");
-                        // Fatal first: no caller hears of the failure before the process is on its
-                        // way out.
-                        (hooks.on_fatal)(what);
-                        drop(senders);
-                        return;
-                    }
-                }
-            }
-        })
 }

@@ -7,10 +7,12 @@
 //! Objects up to [`INLINE_MAX`] bytes are kept inside the index, so a small put is one grouped
 //! index commit and no file at all.
 
+mod committer;
 pub mod disk;
 mod gc;
 pub mod index;
 mod ingest;
+mod journal;
 pub mod keys;
 mod ops;
 mod pins;
@@ -214,6 +216,17 @@ impl Store {
             tracing::info!(removed, "recovery removed temporary files of interrupted writes");
         }
         index::init_tables(&db)?;
+        // Small puts acknowledged through the journal after the index's last durable commit
+        // are applied again before anything reads the index.
+        let (journal, replayed) = journal::Journal::open(disk.as_ref(), root, &db)?;
+        if replayed.puts > 0 {
+            metrics.journal_replayed.inc_by(replayed.puts as u64);
+            tracing::info!(
+                entries = replayed.entries,
+                puts = replayed.puts,
+                "recovery applied small puts from the index journal"
+            );
+        }
         let segs = segments::load(disk.as_ref(), &segs_dir, &db, &metrics)?;
         let init_ms = started.elapsed().as_millis() as u64 - index_open_ms;
         let counters = index::read_counters(&db)?;
@@ -243,7 +256,7 @@ impl Store {
         let weak_hook = Arc::downgrade(&store.inner);
         #[cfg(any(test, feature = "test-hooks"))]
         let weak_fatal = Arc::downgrade(&store.inner);
-        let hooks = index::CommitterHooks {
+        let hooks = committer::CommitterHooks {
             after_commit: Box::new(move |c| {
                 if let Some(inner) = weak.upgrade() {
                     Store { inner }.publish_counters(c);
@@ -266,7 +279,7 @@ impl Store {
                 fatal(&what);
             }),
         };
-        let handle = index::spawn_committer(db, commit_rx, metrics, hooks)
+        let handle = committer::spawn_committer(db, commit_rx, metrics, hooks, journal)
             .map_err(|e| BlobError::io("start the committer thread", e))?;
         *store.inner.committer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         store
