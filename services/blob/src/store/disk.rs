@@ -39,8 +39,6 @@ pub trait SegmentFile: Send + Sync {
     /// Gives the space of a dead range back to the file system (the length stays); a file
     /// system without hole punching keeps the bytes until compaction.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// Cuts or extends the file to `len` bytes (durable with the next `sync_data`).
-    fn set_len(&self, len: u64) -> io::Result<()>;
 }
 
 /// The file-system operations of the engine.
@@ -117,9 +115,6 @@ impl SegmentFile for OsSegment {
             Err(e) if e == rustix::io::Errno::OPNOTSUPP => Ok(()),
             Err(e) => Err(e.into()),
         }
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
     }
 }
 

@@ -280,6 +280,19 @@ impl Ingest {
         }
     }
 
+    /// Whether [`Ingest::write`] of `more` bytes keeps everything in memory (an object small
+    /// enough to live in the index). Such a write, and [`Ingest::finish`] after it, do no disk
+    /// I/O beyond a `statfs`, so async code may call them directly instead of on the blocking
+    /// pool (a small put then costs no thread hand-offs before its commit).
+    pub fn stays_in_memory(&self, more: usize) -> bool {
+        self.seg.is_none()
+            && self.chunks.is_empty()
+            && self.to_sync.is_empty()
+            && self.pending.is_empty()
+            && self.mem.len() + more <= INLINE_MAX
+            && self.cur_len + more < self.store.inner.cfg.chunk_size as usize
+    }
+
     /// Appends data. Chunks that fill up are sealed into `tmp/`; they become durable and
     /// published under their hash with [`Ingest::make_durable`] (or [`Ingest::finish`]).
     /// Blocking.

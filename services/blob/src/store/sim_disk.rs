@@ -31,8 +31,6 @@ struct Inode {
     mtime: Option<SystemTime>,
     /// Positioned writes (segment files) since the last sync, in order.
     log: Vec<(u64, Vec<u8>)>,
-    /// A length set since the last sync: it may or may not survive a power loss.
-    cut: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -159,17 +157,6 @@ impl SimDisk {
         for ino in inos {
             let r = s.rand();
             let torn = s.rand();
-            let cut_survives = s.rand() % 2 == 0;
-            if let Some(i) = s.inodes.get_mut(&ino)
-                && let Some(len) = i.cut.take()
-                && cut_survives
-            {
-                i.durable.resize(len as usize, 0);
-                if i.log.is_empty() {
-                    i.data = i.durable.clone();
-                    continue;
-                }
-            }
             if let Some(i) = s.inodes.get_mut(&ino)
                 && !i.log.is_empty()
             {
@@ -252,7 +239,6 @@ impl DiskFile for SimFile {
         s.tick()?;
         if let Some(i) = s.inodes.get_mut(&self.ino) {
             i.durable = i.data.clone();
-            i.cut = None;
         }
         Ok(())
     }
@@ -295,7 +281,6 @@ impl super::disk::SegmentFile for SimSegment {
         if let Some(i) = s.inodes.get_mut(&self.ino) {
             i.durable = i.data.clone();
             i.log.clear();
-            i.cut = None;
         }
         Ok(())
     }
@@ -316,15 +301,6 @@ impl super::disk::SegmentFile for SimSegment {
             return Ok(());
         }
         self.write_at(offset, &vec![0; n as usize])
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut s = self.disk.lock();
-        s.tick()?;
-        if let Some(i) = s.inodes.get_mut(&self.ino) {
-            i.data.resize(len as usize, 0);
-            i.cut = Some(len);
-        }
-        Ok(())
     }
 }
 
