@@ -31,7 +31,7 @@ pub(crate) struct CommitterHooks {
 
 /// Whether a failure aborts the whole transaction (storage-level: it may strike half-way
 /// through an operation) rather than refusing one operation (which changes nothing).
-fn aborts(e: &BlobError) -> bool {
+pub(crate) fn aborts(e: &BlobError) -> bool {
     matches!(
         e,
         BlobError::Index(_) | BlobError::Corrupt(_) | BlobError::Io { .. } | BlobError::VolumeFull(_)
@@ -41,7 +41,12 @@ fn aborts(e: &BlobError) -> bool {
 /// Applies one batch and makes it durable: through the journal when it takes the batch
 /// (the transaction then commits non-durably), else with a durable, quick-repair commit that
 /// also covers every journal entry so far (the journal is emptied after it).
-fn commit_batch(db: &Database, journal: &mut Journal, ops: Vec<Op>, metrics: &BlobMetrics) -> Result<Vec<Result<Reply>>> {
+fn commit_batch(
+    db: &Database,
+    journal: &mut Journal,
+    ops: Vec<Op>,
+    metrics: &BlobMetrics,
+) -> Result<Vec<Result<Reply>>> {
     let entry = journal.entry_for(&ops);
     let mut txn = db.begin_write()?;
     match &entry {

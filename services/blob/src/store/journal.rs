@@ -178,7 +178,11 @@ fn parse(buf: &[u8], after: u64) -> Result<Vec<Entry>> {
 
 /// The last journal sequence number an index commit covers.
 fn covered_seq(txn: &WriteTransaction) -> Result<u64> {
-    Ok(txn.open_table(index::META)?.get(META_SEQ)?.map(|v| v.value()).unwrap_or(0))
+    Ok(txn
+        .open_table(index::META)?
+        .get(META_SEQ)?
+        .map(|v| v.value())
+        .unwrap_or(0))
 }
 
 /// Records in `txn` that it covers the journal up to `seq`.
@@ -234,18 +238,21 @@ impl Journal {
         txn.set_quick_repair(true);
         let covered = covered_seq(&txn)?;
         let entries = parse(&buf, covered)?;
-        let mut replayed = Replayed { entries: entries.len(), puts: 0 };
+        let mut replayed = Replayed {
+            entries: entries.len(),
+            puts: 0,
+        };
         let mut seq = covered;
         for e in entries {
             seq = e.seq;
             for p in e.puts {
                 replayed.puts += 1;
-                match index::apply(&txn, put_op(p)?) {
-                    Err(
-                        e @ (BlobError::Index(_) | BlobError::Corrupt(_) | BlobError::Io { .. } | BlobError::VolumeFull(_)),
-                    ) => return Err(e),
-                    // A refusal now was a refusal then: the apply is deterministic.
-                    _ => {}
+                // A refusal now was a refusal then (the apply is deterministic): only a
+                // storage failure stops the replay.
+                if let Err(e) = index::apply(&txn, put_op(p)?)
+                    && super::committer::aborts(&e)
+                {
+                    return Err(e);
                 }
             }
         }
@@ -258,7 +265,15 @@ impl Journal {
                 .map_err(|e| BlobError::io(format!("preallocate {}", path.display()), e))?;
         }
         // Everything in the file is covered now: the next entry goes at the start.
-        Ok((Journal { file, len: 0, seq, broken: false }, replayed))
+        Ok((
+            Journal {
+                file,
+                len: 0,
+                seq,
+                broken: false,
+            },
+            replayed,
+        ))
     }
 
     /// The entry for a batch, if every operation in it can go through the journal and the
@@ -319,7 +334,11 @@ impl Journal {
     /// Ends the journal at `at`: zeros over the header there make the entry unreadable (and
     /// with it everything after it).
     fn cut(&mut self, at: u64) {
-        match self.file.write_at(at, &[0u8; HEADER]).and_then(|()| self.file.sync_data()) {
+        match self
+            .file
+            .write_at(at, &[0u8; HEADER])
+            .and_then(|()| self.file.sync_data())
+        {
             Ok(()) => self.len = at,
             Err(e) => {
                 tracing::error!(error = %e, "cannot cut the index journal; small puts commit durably until it is emptied");

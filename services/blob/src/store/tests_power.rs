@@ -394,7 +394,10 @@ async fn small_puts_acknowledged_through_the_journal_survive_power_loss() {
     disk.power_loss();
     let store = open(&disk, &fatal).unwrap();
     let replayed = store.metrics().journal_replayed.get();
-    assert_eq!(replayed, 17, "the 16 puts after the delete and the overwrite are replayed");
+    assert_eq!(
+        replayed, 17,
+        "the 16 puts after the delete and the overwrite are replayed"
+    );
     assert_eq!(read(&store, "a/0").unwrap(), None, "the delete stays");
     assert_eq!(read(&store, "a/1").unwrap().as_deref(), Some(&b"overwritten"[..]));
     for (k, d) in first.iter().skip(2).chain(&second) {
