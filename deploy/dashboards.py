@@ -209,6 +209,11 @@ def overview():
         (f"sum(rate(peervault_blob_segments_freed_total{{{SEL}}}{R}))", "segments freed/s"),
     ], w=8)
     b.panel("Commit batch size p50", [(f"histogram_quantile(0.5, sum by (le) (rate(peervault_blob_commit_batch_size_bucket{{{SEL}}}{R})))", "p50")], w=8)
+    b.panel("Index journal (small puts)", [
+        (f"sum by (outcome) (rate(peervault_blob_journal_appends_total{{{SEL}}}{R}))", "appends {{outcome}}/s"),
+        (f"sum(rate(peervault_blob_journal_bytes_total{{{SEL}}}{R}))", "bytes/s"),
+        (f"sum by (instance) (increase(peervault_blob_journal_replayed_puts_total{{{SEL}}}{R}))", "replayed after a crash {{instance}}"),
+    ], w=8)
     b.row("Security and process")
     b.panel("Refused calls and handshakes", [
         (f"sum by (reason) (rate(peervault_auth_failures_total{{{SEL}}}{R}))", "auth {{reason}}"),
