@@ -149,6 +149,12 @@ async fn system_service_reports_real_figures() {
     );
     assert!(info.uptime_seconds >= 0 && info.uptime_seconds < 60);
 
+    // The node's own start-up calls (the membership watch, the start-up event published to the
+    // events service) may land late on a loaded machine: wait for them before the window.
+    for method in ["WatchMembership", "Publish"] {
+        let label = format!("grpc_method=\"{method}\"");
+        node.wait_metric("grpc_server_started_total", &[label.as_str()], |v| v >= 1.0);
+    }
     let before = c.get_metrics(()).await.unwrap().into_inner();
     for _ in 0..5 {
         c.get_system_info(()).await.unwrap();

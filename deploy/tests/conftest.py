@@ -20,7 +20,12 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "peervault"
 DASHBOARDS = CHART / "dashboards"
-BIN_DIR = pathlib.Path(os.environ.get("PEERVAULT_BIN_DIR", ROOT / "target" / "debug"))
+# Where cargo put the binaries: PEERVAULT_BIN_DIR, else CARGO_TARGET_DIR's debug/ (relative to the
+# checkout, as cargo reads it), else target/debug.
+BIN_DIR = pathlib.Path(
+    os.environ.get("PEERVAULT_BIN_DIR")
+    or ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / "debug"
+)
 
 
 def tool(name):
