@@ -48,6 +48,13 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
         assert_eq!(g.size, big.len() as i64);
         let peers: BTreeSet<String> = g.replicas.iter().map(|x| x.peer_id.clone()).collect();
         assert_eq!(peers, cl.ids().into_iter().collect(), "replicas are the three pods");
+        // Every owner is asked, so all three report their real state (the hand-off queues are
+        // drained: each holds the newest record).
+        assert!(
+            g.replicas.iter().all(|x| x.status == "synced"),
+            "pod {i}: {:?}",
+            g.replicas
+        );
     }
     // Each pod holds the content itself (R = 3 on 3 pods).
     for i in 0..3 {
@@ -64,6 +71,14 @@ async fn three_pods_survive_kills_refuse_without_majority_and_catch_up_by_themse
             "pod {i} with pod 2 down"
         );
         assert_eq!(list_all(&mut c, 10).await, ["docs/big", "docs/small"]);
+    }
+    // GetFile with pod 2 down: the two live owners synced, the dead one unreachable.
+    let mut c0 = cl.files(0).await;
+    let g = c0.get_file(file_req("docs/big")).await.unwrap().into_inner();
+    let down = cl.ids()[2].clone();
+    for x in &g.replicas {
+        let want = if x.peer_id == down { "unreachable" } else { "synced" };
+        assert_eq!(x.status, want, "{:?}", g.replicas);
     }
     let while_down = content(3, 200_000);
     let mut c1 = cl.files(1).await;

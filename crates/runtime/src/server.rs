@@ -513,9 +513,11 @@ impl Runtime {
         let result = tokio::select! {
             r = &mut serve => r,
             _ = &mut signal => {
-                tracing::info!(grace_secs = cfg.shutdown_grace.as_secs_f64(), "shutdown requested: refusing new connections, draining in-flight calls");
+                // Readiness drops before the log line says so: whoever reads the line (a test,
+                // an operator) finds /readyz answering 503 already.
                 ready.store(false, Ordering::Release);
                 ctx.metrics.ready.set(0);
+                tracing::info!(grace_secs = cfg.shutdown_grace.as_secs_f64(), "shutdown requested: refusing new connections, draining in-flight calls");
                 for name in &health_names {
                     health.set_service_status(name, ServingStatus::NotServing).await;
                 }

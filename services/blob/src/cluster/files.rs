@@ -23,9 +23,15 @@ fn not_found(key: &str) -> BlobError {
 }
 
 impl Cluster {
-    /// The live record of `key` from a majority of its owners.
-    pub async fn live_record(&self, key: &str, with_data: bool) -> Result<(FileRecord, Replicas, bool)> {
-        let out = self.read_record(key, with_data).await?;
+    /// The live record of `key` from a majority of its owners (from every owner that answers
+    /// in time with `every_owner`, for a full replica report).
+    pub async fn live_record(
+        &self,
+        key: &str,
+        with_data: bool,
+        every_owner: bool,
+    ) -> Result<(FileRecord, Replicas, bool)> {
+        let out = self.read_record(key, with_data, every_owner).await?;
         match out.record {
             Some(r) if !r.deleted => Ok((r, out.replicas, out.local_current)),
             _ => Err(not_found(key)),
@@ -37,7 +43,7 @@ impl Cluster {
         if self.is_solo() {
             return Ok((self.store().get_file(key)?, vec![]));
         }
-        let (r, replicas, _) = self.live_record(key, false).await?;
+        let (r, replicas, _) = self.live_record(key, false, true).await?;
         Ok((file_rec(&r), replicas))
     }
 
@@ -46,7 +52,7 @@ impl Cluster {
         if self.is_solo() {
             return self.store().delete_file(key).await;
         }
-        let (live, _, _) = self.live_record(key, false).await?;
+        let (live, _, _) = self.live_record(key, false, false).await?;
         let now = now_ns();
         let tomb = FileRecord {
             key: key.to_string(),
@@ -65,7 +71,7 @@ impl Cluster {
         if self.is_solo() {
             return Ok((self.store().update_file(key, patch).await?, vec![]));
         }
-        let (mut r, _, _) = self.live_record(key, true).await?;
+        let (mut r, _, _) = self.live_record(key, true, false).await?;
         if patch.replace {
             r.metadata = patch.set;
         } else {
@@ -90,7 +96,7 @@ impl Cluster {
 
     /// The content of `key` for a download: the record and, for a small object, its bytes.
     pub async fn open_download(&self, key: &str) -> Result<(FileRecord, Option<Bytes>)> {
-        let (r, _, _) = self.live_record(key, true).await?;
+        let (r, _, _) = self.live_record(key, true, false).await?;
         let small = (!r.inline_data.is_empty()).then(|| r.inline_data.clone());
         Ok((r, small))
     }

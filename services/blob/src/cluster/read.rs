@@ -69,7 +69,11 @@ impl Cluster {
     /// has not answered within [`HEDGE_AFTER`]. When this pod holds a copy, the remote owners
     /// send only the record (its clock), never a small object's content: the content comes from
     /// the local copy when it is the newest, else from the owner that has the newest.
-    pub async fn read_record(&self, key: &str, with_data: bool) -> Result<ReadOutcome> {
+    ///
+    /// `every_owner` (GetFile, which reports each replica's state) asks all owners at once and,
+    /// once a majority has answered, gives the others [`HEDGE_AFTER`] more: an owner reported
+    /// `unreachable` then really did not answer, rather than was not asked.
+    pub async fn read_record(&self, key: &str, with_data: bool, every_owner: bool) -> Result<ReadOutcome> {
         let layout = self.layout();
         let owners = layout.owners(key);
         let me_owner = owners.iter().any(|o| layout.is_self(o));
@@ -93,7 +97,8 @@ impl Cluster {
         let without_data = !with_data || local_read;
         let mut queue = remote.into_iter().map(|p| p.id.clone());
         let mut calls = FuturesUnordered::new();
-        while answers.len() + calls.len() < need {
+        let first = if every_owner { owners.len() } else { need };
+        while answers.len() + calls.len() < first {
             let Some(id) = queue.next() else { break };
             calls.push(self.ask_record(id, key, without_data));
         }
@@ -126,6 +131,25 @@ impl Cluster {
                         calls.push(self.ask_record(id, key, without_data));
                     }
                     hedge.as_mut().reset(tokio::time::Instant::now() + HEDGE_AFTER);
+                }
+            }
+        }
+        if every_owner && !calls.is_empty() {
+            let late = tokio::time::timeout(HEDGE_AFTER, async {
+                let mut late = Vec::new();
+                while let Some((id, r)) = calls.next().await {
+                    late.push((id, r));
+                }
+                late
+            });
+            // Whatever has not answered by the deadline stays unanswered (reported unreachable).
+            let late = late.await.unwrap_or_default();
+            for (id, r) in late {
+                match r {
+                    Ok(rec) => answers.push((id, rec)),
+                    Err(_) => {
+                        failed.insert(id);
+                    }
                 }
             }
         }
