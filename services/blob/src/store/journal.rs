@@ -259,10 +259,13 @@ impl Journal {
         set_covered(&txn, seq)?;
         txn.commit()?;
         if len < PREALLOC_BYTES {
+            // Not fatal: a store on a full volume must still start (to serve and delete); the
+            // journal then grows by appending, and an append that fails makes its batch wait
+            // for a durable commit instead.
             let zeros = vec![0u8; (PREALLOC_BYTES - len) as usize];
-            file.write_at(len, &zeros)
-                .and_then(|()| file.sync_data())
-                .map_err(|e| BlobError::io(format!("preallocate {}", path.display()), e))?;
+            if let Err(e) = file.write_at(len, &zeros).and_then(|()| file.sync_data()) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot preallocate the index journal; appends will grow it");
+            }
         }
         // Everything in the file is covered now: the next entry goes at the start.
         Ok((
