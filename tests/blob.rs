@@ -73,6 +73,16 @@ async fn upload_msgs(ch: &Channel, msgs: Vec<FileChunk>) -> Result<peervault_pro
     Ok(r.into_inner())
 }
 
+/// ListFiles' `total` for the whole store.
+async fn listed_total(ch: &Channel) -> i32 {
+    FileServiceClient::new(ch.clone())
+        .list_files(ListFilesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .total
+}
+
 async fn download(ch: &Channel, key: &str) -> Result<Vec<u8>, Status> {
     download_from(ch, key, 0, "").await
 }
@@ -611,12 +621,7 @@ async fn kill_9_mid_upload_loses_nothing_acknowledged() {
     }
     assert_eq!(download(&ch, "partial").await.unwrap_err().code(), Code::NotFound);
     assert_eq!(tmp_files(&data_dir), 0, "temporary files survived recovery");
-    let list = FileServiceClient::new(ch.clone())
-        .list_files(ListFilesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.total, 20);
+    assert_eq!(listed_total(&ch).await, 20);
 }
 
 /// Small puts are acknowledged through the index journal: killed with -9 right after, the
@@ -651,12 +656,7 @@ async fn kill_9_after_small_puts_replays_them_from_the_journal() {
     for (key, content) in puts.iter().skip(1) {
         assert_eq!(&download(&ch, key).await.unwrap(), content, "{key} lost across kill -9");
     }
-    let list = FileServiceClient::new(ch.clone())
-        .list_files(ListFilesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.total, 64);
+    assert_eq!(listed_total(&ch).await, 64);
 }
 
 #[tokio::test]

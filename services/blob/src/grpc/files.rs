@@ -164,19 +164,9 @@ impl BlobApi {
                     break; // the writer stopped on an error, collected below
                 }
             } else if msg.is_last {
-                // A one-message object (the common small put): write it right here, without
-                // the blocking pool when it stays in memory (no disk I/O until the commit).
-                let mut ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
-                let data = msg.data;
-                let span = tracing::debug_span!("chunk_write", bytes = data.len());
-                if ing.stays_in_memory(data.len()) {
-                    span.in_scope(|| ing.write(&data)).map_err(|e| self.status(e))?;
-                } else {
-                    ing = tokio::task::spawn_blocking(move || span.in_scope(|| ing.write(&data).map(|()| ing)))
-                        .await
-                        .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                        .map_err(|e| self.status(e))?;
-                }
+                // A one-message object (the common small put): write it right here.
+                let ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
+                let ing = super::upload::write(ing, msg.data).await.map_err(|e| self.status(e))?;
                 ingest = Some(ing);
             } else {
                 // A stream: hash and write on a thread of its own so receiving (and TLS) goes on
@@ -217,15 +207,7 @@ impl BlobApi {
             ));
         }
         let ing = ingest.take().ok_or_else(|| Status::internal("upload state lost"))?;
-        let span = tracing::debug_span!("finish");
-        let (finished, _) = if ing.stays_in_memory(0) {
-            span.in_scope(|| ing.finish()).map_err(|e| self.status(e))?
-        } else {
-            tokio::task::spawn_blocking(move || span.in_scope(|| ing.finish()))
-                .await
-                .map_err(|e| Status::internal(format!("write task failed: {e}")))?
-                .map_err(|e| self.status(e))?
-        };
+        let (finished, _) = super::upload::finish(ing).await.map_err(|e| self.status(e))?;
         if !expected_hash.is_empty() {
             let got = hex(&finished.blob.key);
             if !expected_hash.eq_ignore_ascii_case(&got) {

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use super::BlobApi;
 use crate::{
     error::BlobError,
-    store::{Durable, Ingest, hex, now_ns},
+    store::{Durable, Finished, Ingest, hex, now_ns},
     validate,
 };
 
@@ -52,10 +52,26 @@ fn expected_hash(raw: &Bytes) -> Result<Option<[u8; 32]>, Status> {
 /// many bytes are pending; when the client pauses, at once.
 const ACK_EVERY: u64 = 8 * 1024 * 1024;
 
-async fn write(ing: Ingest, data: Bytes) -> Result<Ingest, BlobError> {
+/// Appends `data`: on the blocking pool, unless it stays in memory (a small object: no disk
+/// I/O, so no thread hand-off either).
+pub(super) async fn write(ing: Ingest, data: Bytes) -> Result<Ingest, BlobError> {
     let mut ing = ing;
     let span = tracing::debug_span!("chunk_write", bytes = data.len());
+    if ing.stays_in_memory(data.len()) {
+        return span.in_scope(|| ing.write(&data)).map(|()| ing);
+    }
     tokio::task::spawn_blocking(move || span.in_scope(|| ing.write(&data).map(|()| ing)))
+        .await
+        .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))?
+}
+
+/// Seals the content ([`Ingest::finish`]): on the blocking pool, unless it is all in memory.
+pub(super) async fn finish(ing: Ingest) -> Result<(Finished, Durable), BlobError> {
+    let span = tracing::debug_span!("finish");
+    if ing.stays_in_memory(0) {
+        return span.in_scope(|| ing.finish());
+    }
+    tokio::task::spawn_blocking(move || span.in_scope(|| ing.finish()))
         .await
         .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))?
 }
@@ -193,11 +209,7 @@ impl BlobApi {
                             return Err(e);
                         }
                     };
-                    let span = tracing::debug_span!("finish");
-                    let finished = tokio::task::spawn_blocking(move || span.in_scope(|| ingest.finish()))
-                        .await
-                        .map_err(|e| Status::internal(format!("write task failed: {e}")))?;
-                    let (mut finished, _) = match finished {
+                    let (mut finished, _) = match finish(ingest).await {
                         Ok(f) => f,
                         Err(e) => {
                             let _ = store.abort_upload(&id, Some(session)).await;

@@ -285,12 +285,13 @@ impl Ingest {
     /// I/O beyond a `statfs`, so async code may call them directly instead of on the blocking
     /// pool (a small put then costs no thread hand-offs before its commit).
     pub fn stays_in_memory(&self, more: usize) -> bool {
-        self.seg.is_none()
-            && self.chunks.is_empty()
-            && self.to_sync.is_empty()
-            && self.pending.is_empty()
-            && self.mem.len() + more <= INLINE_MAX
-            && self.cur_len + more < self.store.inner.cfg.chunk_size as usize
+        // Below a whole chunk too: a chunk that fills up is sealed, which writes.
+        self.inline_room(more) && self.cur_len + more < self.store.inner.cfg.chunk_size as usize
+    }
+
+    /// Whether `more` bytes still fit in memory as the beginning of a small object.
+    fn inline_room(&self, more: usize) -> bool {
+        self.seg.is_none() && self.chunks.is_empty() && self.mem.len() + more <= INLINE_MAX
     }
 
     /// Appends data. Chunks that fill up are sealed into `tmp/`; they become durable and
@@ -328,7 +329,7 @@ impl Ingest {
                 cv.update(now);
             }
             self.cur_len += now.len();
-            if self.seg.is_none() && self.chunks.is_empty() && self.mem.len() + now.len() <= INLINE_MAX {
+            if self.inline_room(now.len()) {
                 self.mem.extend_from_slice(now);
             } else {
                 if self.cur_start.is_none() {

@@ -42,11 +42,11 @@ use super::{
 use crate::error::{BlobError, Result};
 
 /// Journal bytes after which the next batch commits durably and the journal starts over.
-pub(crate) const CHECKPOINT_BYTES: u64 = 1024 * 1024;
+const CHECKPOINT_BYTES: u64 = 1024 * 1024;
 /// The journal file's size, written once (entries past it extend the file, more slowly).
 const PREALLOC_BYTES: u64 = 2 * CHECKPOINT_BYTES;
 /// The `meta` row holding the last journal sequence number an index commit covers.
-pub(crate) const META_SEQ: &str = "journal_seq";
+const META_SEQ: &str = "journal_seq";
 /// Header of each entry: length and check.
 const HEADER: usize = 12;
 
@@ -144,6 +144,17 @@ fn check(payload: &[u8]) -> [u8; 8] {
     c
 }
 
+/// An encoded entry with its header; `None` past 4 GiB (the batch then commits durably).
+fn frame(entry: &Entry) -> Option<Vec<u8>> {
+    let payload = entry.encode_to_vec();
+    let len = u32::try_from(payload.len()).ok()?;
+    let mut out = Vec::with_capacity(HEADER + payload.len());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&check(&payload));
+    out.extend_from_slice(&payload);
+    Some(out)
+}
+
 /// The entries of a journal's bytes that follow `after`, in order: the valid, contiguous run.
 fn parse(buf: &[u8], after: u64) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
@@ -198,7 +209,7 @@ pub(crate) struct Journal {
     len: u64,
     /// The last sequence number written (or covered by the index).
     seq: u64,
-    /// An append or a truncation failed: no journaling until a durable commit empties it.
+    /// An append or a cut failed: no journaling until a durable commit empties it.
     broken: bool,
 }
 
@@ -238,6 +249,7 @@ impl Journal {
         txn.set_quick_repair(true);
         let covered = covered_seq(&txn)?;
         let entries = parse(&buf, covered)?;
+        let commit = !entries.is_empty();
         let mut replayed = Replayed {
             entries: entries.len(),
             puts: 0,
@@ -256,8 +268,13 @@ impl Journal {
                 }
             }
         }
-        set_covered(&txn, seq)?;
-        txn.commit()?;
+        if commit {
+            set_covered(&txn, seq)?;
+            txn.commit()?;
+        } else {
+            // Nothing to apply: no commit (and no fsyncs) at start-up.
+            txn.abort()?;
+        }
         if len < PREALLOC_BYTES {
             // Not fatal: a store on a full volume must still start (to serve and delete); the
             // journal then grows by appending, and an append that fails makes its batch wait
@@ -286,17 +303,11 @@ impl Journal {
             return None;
         }
         let seq = self.seq + 1;
-        let payload = Entry {
+        let entry = Entry {
             seq,
             puts: ops.iter().filter_map(put_entry).collect(),
-        }
-        .encode_to_vec();
-        let len = u32::try_from(payload.len()).ok()?;
-        let mut out = Vec::with_capacity(HEADER + payload.len());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&check(&payload));
-        out.extend_from_slice(&payload);
-        Some((seq, out))
+        };
+        Some((seq, frame(&entry)?))
     }
 
     /// The sequence number the next durable commit covers.
@@ -365,11 +376,7 @@ mod tests {
     use super::*;
 
     fn framed(seq: u64) -> Vec<u8> {
-        let payload = Entry { seq, puts: vec![] }.encode_to_vec();
-        let mut out = (payload.len() as u32).to_le_bytes().to_vec();
-        out.extend_from_slice(&check(&payload));
-        out.extend_from_slice(&payload);
-        out
+        frame(&Entry { seq, puts: vec![] }).unwrap()
     }
 
     #[test]

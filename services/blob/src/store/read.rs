@@ -9,6 +9,11 @@ use super::{
 };
 use crate::error::{BlobError, Result};
 
+/// Whether `data` is the chunk `hash` of `size` bytes (the one integrity rule of every read).
+fn sound(hash: &[u8; 32], size: u32, data: &[u8]) -> bool {
+    data.len() == size as usize && blake3::hash(data).as_bytes() == hash
+}
+
 impl Store {
     /// Reads one chunk and verifies its hash; a mismatch or a missing chunk is DATA_LOSS.
     /// The chunk is where its record says: inline, in a segment (read with one `pread` on a
@@ -26,12 +31,9 @@ impl Store {
             let Some(l) = loc else { break };
             let got = self.read_segment(&l, size);
             if let Ok(d) = &got
-                && d.len() == size as usize
-                && blake3::hash(d).as_bytes() == hash
+                && sound(hash, size, d)
             {
-                // Verified just now: hashing again in `verify` would double the read's CPU.
-                self.inner.metrics.bytes_read.inc_by(d.len() as u64);
-                return got.map_err(|e| BlobError::io(format!("read chunk {}", hex(hash)), e));
+                return Ok(self.served(d.clone()));
             }
             let now = self.chunk_record(hash)?.and_then(|r| r.loc);
             if now != Some(l) {
@@ -77,7 +79,7 @@ impl Store {
 
     /// Checks data read for a chunk against its hash and length.
     pub(super) fn verify(&self, hash: &[u8; 32], size: u32, data: Bytes) -> Result<Bytes> {
-        if data.len() != size as usize || blake3::hash(&data).as_bytes() != hash {
+        if !sound(hash, size, &data) {
             self.inner.metrics.integrity_failures.inc();
             tracing::error!(chunk = %hex(hash), expected_len = size, len = data.len(), "chunk failed its hash check");
             return Err(BlobError::DataLoss(format!(
@@ -85,8 +87,13 @@ impl Store {
                 hex(hash)
             )));
         }
+        Ok(self.served(data))
+    }
+
+    /// Counts verified bytes on their way out.
+    fn served(&self, data: Bytes) -> Bytes {
         self.inner.metrics.bytes_read.inc_by(data.len() as u64);
-        Ok(data)
+        data
     }
 
     pub(super) fn inline_chunk(&self, hash: &[u8; 32]) -> Result<Option<Bytes>> {
