@@ -1,6 +1,10 @@
 //! Who is calling: derived from the verified client certificate's subject alternative names.
 
-use std::{fmt, net::SocketAddr, sync::Arc};
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
 
 use rustls::pki_types::CertificateDer;
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
@@ -131,6 +135,40 @@ pub struct ConnInfo {
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// Whether the connection is plaintext (`--insecure`).
     pub insecure: bool,
+    /// The identity derived from `peer_certs`, parsed on the connection's first call and shared
+    /// by every later one (the certificate cannot change within a connection), keyed by the
+    /// trust domain it was derived under.
+    pub cert_identity: Arc<OnceLock<(String, Identity)>>,
+}
+
+impl ConnInfo {
+    /// Facts about a new connection from `remote_addr` (`peer_certs`: the verified chain).
+    pub fn new(
+        remote_addr: Option<SocketAddr>,
+        peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+        insecure: bool,
+    ) -> ConnInfo {
+        ConnInfo {
+            remote_addr,
+            peer_certs,
+            insecure,
+            cert_identity: Arc::default(),
+        }
+    }
+
+    /// The identity of the end-entity certificate under `trust_domain`, parsed once per
+    /// connection (`None`: no certificate).
+    pub fn certificate_identity(&self, trust_domain: &str) -> Option<Identity> {
+        let cert = self.peer_certs.as_ref()?.first()?;
+        let (domain, id) = self
+            .cert_identity
+            .get_or_init(|| (trust_domain.to_string(), Identity::from_certificate(cert, trust_domain)));
+        if domain == trust_domain {
+            Some(id.clone())
+        } else {
+            Some(Identity::from_certificate(cert, trust_domain))
+        }
+    }
 }
 
 /// The caller of a request, established by the auth layer and available to handlers through

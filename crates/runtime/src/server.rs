@@ -636,11 +636,7 @@ async fn accept_loop(
             let conn = match tls {
                 None => Conn::new(
                     ConnIo::Plain(tcp),
-                    ConnInfo {
-                        remote_addr: Some(remote),
-                        peer_certs: None,
-                        insecure: true,
-                    },
+                    ConnInfo::new(Some(remote), None, true),
                     &metrics,
                 ),
                 Some(tls) => {
@@ -654,11 +650,7 @@ async fn accept_loop(
                                 .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>()));
                             Conn::new(
                                 ConnIo::Tls(Box::new(stream)),
-                                ConnInfo {
-                                    remote_addr: Some(remote),
-                                    peer_certs: certs,
-                                    insecure: false,
-                                },
+                                ConnInfo::new(Some(remote), certs, false),
                                 &metrics,
                             )
                         }

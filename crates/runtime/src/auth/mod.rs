@@ -441,11 +441,8 @@ impl Authorizer {
     pub fn connection_identity(&self, conn: Option<&ConnInfo>) -> Identity {
         match conn {
             Some(c) if c.insecure => Identity::Insecure,
-            Some(ConnInfo {
-                peer_certs: Some(certs),
-                ..
-            }) if !certs.is_empty() => Identity::from_certificate(&certs[0], &self.trust_domain),
-            _ => Identity::Anonymous,
+            Some(c) => c.certificate_identity(&self.trust_domain).unwrap_or(Identity::Anonymous),
+            None => Identity::Anonymous,
         }
     }
 

@@ -8,7 +8,7 @@ use redb::{Database, Durability};
 use tokio::sync::mpsc;
 
 use super::{
-    index::{Job, Op, Reply, apply, read_counters},
+    index::{Batch, Job, Op, Reply, apply, read_counters},
     journal::{self, Journal},
 };
 use crate::{
@@ -54,12 +54,14 @@ fn commit_batch(
         None => txn.set_quick_repair(true),
     }
     let mut results = Vec::with_capacity(ops.len());
+    let batch = Batch::new(&txn);
     for op in ops {
-        match apply(&txn, op) {
+        match apply(&batch, op) {
             Err(e) if aborts(&e) => return Err(e),
             r => results.push(r),
         }
     }
+    batch.finish()?;
     let Some((seq, bytes)) = entry else {
         journal::set_covered(&txn, journal.seq())?;
         txn.commit()?;

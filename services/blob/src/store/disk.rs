@@ -28,6 +28,14 @@ pub trait SegmentFile: Send + Sync {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` past the end).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Reads exactly `len` bytes at `offset` into a new buffer (`UnexpectedEof` past the end).
+    /// The default zero-fills a buffer and calls [`SegmentFile::read_at`]; a file that can read
+    /// into uninitialised memory skips the fill (a chunk read's largest CPU cost after hashing).
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_at(offset, &mut buf)?;
+        Ok(buf)
+    }
     /// Makes what was written durable (data and the file's length).
     fn sync_data(&self) -> io::Result<()>;
     /// The file's current length.
@@ -96,6 +104,27 @@ impl SegmentFile for OsSegment {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            let want = len - buf.len();
+            // `spare_capacity` reads into the uninitialised tail and extends the length by what
+            // was read: no zero fill, no unsafe code here.
+            let got = match rustix::io::pread(&self.0, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if got == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{want} bytes missing at offset {at}"),
+                ));
+            }
+        }
+        Ok(buf)
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()

@@ -85,7 +85,7 @@ pub(crate) fn seg_key(loc: &SegLoc) -> [u8; 16] {
 }
 
 /// A chunk's bytes now count as live in its segment.
-fn loc_add(txn: &WriteTransaction, loc: &SegLoc, hash: &[u8], size: u32) -> Result<()> {
+fn loc_add(txn: &Batch<'_>, loc: &SegLoc, hash: &[u8], size: u32) -> Result<()> {
     let mut live = txn.open_table(SEGMENT_LIVE)?;
     let cur = live.get(loc.segment)?.map(|v| v.value()).unwrap_or(0);
     live.insert(loc.segment, cur + size as u64)?;
@@ -95,7 +95,7 @@ fn loc_add(txn: &WriteTransaction, loc: &SegLoc, hash: &[u8], size: u32) -> Resu
 
 /// A chunk's bytes are dead in its segment (compaction reclaims them); a segment with nothing
 /// live loses its row.
-fn loc_remove(txn: &WriteTransaction, loc: &SegLoc, size: u32) -> Result<()> {
+fn loc_remove(txn: &Batch<'_>, loc: &SegLoc, size: u32) -> Result<()> {
     let mut live = txn.open_table(SEGMENT_LIVE)?;
     let cur = live.get(loc.segment)?.map(|v| v.value()).unwrap_or(0);
     let next = cur.saturating_sub(size as u64);
@@ -244,7 +244,7 @@ pub(crate) enum Op {
 }
 
 /// The body of [`Op::Custom`].
-pub(crate) type CustomOp = Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>;
+pub(crate) type CustomOp = Box<dyn FnOnce(&Batch<'_>) -> Result<Reply> + Send>;
 
 /// What an operation answers.
 // A reply lives for one commit on its way back to one caller: boxing would cost more than the
@@ -291,20 +291,66 @@ pub(crate) struct Job {
     pub content: Option<super::Finished>,
 }
 
-fn meta_add(txn: &WriteTransaction, name: &str, delta: i64) -> Result<()> {
-    let mut t = txn.open_table(META)?;
-    let cur = t.get(name)?.map(|v| v.value()).unwrap_or(0);
-    let next = if delta >= 0 {
-        cur.saturating_add(delta as u64)
-    } else {
-        cur.saturating_sub(delta.unsigned_abs())
-    };
-    t.insert(name, next)?;
-    Ok(())
+/// The write transaction of one batch of operations, with the changes to the [`META`]
+/// counters gathered in memory and written once, by [`Batch::finish`]: every put changes five or
+/// six counters, and a table open, lookup and insert each would cost more than the rest of a
+/// small put's index work. Nothing reads these counters inside a write transaction, so deferring the
+/// writes changes no outcome. Derefs to the transaction for everything else.
+pub(crate) struct Batch<'a> {
+    txn: &'a WriteTransaction,
+    meta: std::cell::RefCell<Vec<(&'static str, i64)>>,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch applied in `txn`.
+    pub(crate) fn new(txn: &'a WriteTransaction) -> Batch<'a> {
+        Batch {
+            txn,
+            meta: Default::default(),
+        }
+    }
+
+    /// Writes the gathered counter changes; call once, after the last operation and before the
+    /// commit (dropping a batch without it loses them: the transaction must then not commit).
+    pub(crate) fn finish(self) -> Result<()> {
+        let deltas = self.meta.into_inner();
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut t = self.txn.open_table(META)?;
+        for (name, delta) in deltas {
+            if delta == 0 {
+                continue;
+            }
+            let cur = t.get(name)?.map(|v| v.value()).unwrap_or(0);
+            let next = if delta >= 0 {
+                cur.saturating_add(delta as u64)
+            } else {
+                cur.saturating_sub(delta.unsigned_abs())
+            };
+            t.insert(name, next)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Batch<'_> {
+    type Target = WriteTransaction;
+    fn deref(&self) -> &WriteTransaction {
+        self.txn
+    }
+}
+
+fn meta_add(txn: &Batch<'_>, name: &'static str, delta: i64) {
+    let mut m = txn.meta.borrow_mut();
+    match m.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, d)) => *d = d.saturating_add(delta),
+        None => m.push((name, delta)),
+    }
 }
 
 /// Adds one reference to a chunk, creating its record (and inline data) if new.
-fn chunk_ref(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
+fn chunk_ref(txn: &Batch<'_>, c: &ChunkMeta) -> Result<()> {
     let mut chunks = txn.open_table(CHUNKS)?;
     let existing = chunks.get(&c.hash[..])?.map(|v| v.value().to_vec());
     match existing {
@@ -334,8 +380,8 @@ fn chunk_ref(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
                 txn.open_table(INLINE)?.insert(&c.hash[..], data.as_ref())?;
             }
             drop(chunks);
-            meta_add(txn, meta::STORAGE_USED, c.size as i64)?;
-            meta_add(txn, meta::CHUNK_COUNT, 1)?;
+            meta_add(txn, meta::STORAGE_USED, c.size as i64);
+            meta_add(txn, meta::CHUNK_COUNT, 1);
         }
     }
     Ok(())
@@ -343,7 +389,7 @@ fn chunk_ref(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
 
 /// A new copy written because the stored one failed verification takes the stored one's place
 /// (whether or not the content's blob exists already).
-fn chunk_repair(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
+fn chunk_repair(txn: &Batch<'_>, c: &ChunkMeta) -> Result<()> {
     let (true, Some(new)) = (c.repair, c.loc) else {
         return Ok(());
     };
@@ -366,7 +412,7 @@ fn chunk_repair(txn: &WriteTransaction, c: &ChunkMeta) -> Result<()> {
 }
 
 /// Drops one reference to a chunk; at zero it waits in the GC queue for the grace period.
-fn chunk_unref(txn: &WriteTransaction, hash: &[u8], now_ns: i64) -> Result<()> {
+fn chunk_unref(txn: &Batch<'_>, hash: &[u8], now_ns: i64) -> Result<()> {
     let mut chunks = txn.open_table(CHUNKS)?;
     let Some(bytes) = chunks.get(hash)?.map(|v| v.value().to_vec()) else {
         return Err(BlobError::Corrupt(format!("unref of unknown chunk {}", hex(hash))));
@@ -383,7 +429,7 @@ fn chunk_unref(txn: &WriteTransaction, hash: &[u8], now_ns: i64) -> Result<()> {
 }
 
 /// Takes a chunk out of the GC queue (a new reference revived it).
-fn gc_dequeue(txn: &WriteTransaction, hash: &[u8]) -> Result<()> {
+fn gc_dequeue(txn: &Batch<'_>, hash: &[u8]) -> Result<()> {
     let since = txn.open_table(GC)?.remove(hash)?.map(|v| v.value());
     if let Some(t) = since {
         txn.open_table(GC_BY_TIME)?.remove(time_key(t, hash).as_slice())?;
@@ -392,7 +438,7 @@ fn gc_dequeue(txn: &WriteTransaction, hash: &[u8]) -> Result<()> {
 }
 
 /// Removes a tombstone and its time-index entry.
-fn tombstone_remove(txn: &WriteTransaction, key: &str) -> Result<()> {
+fn tombstone_remove(txn: &Batch<'_>, key: &str) -> Result<()> {
     let old = txn.open_table(TOMBSTONES)?.remove(key)?.map(|v| v.value().to_vec());
     if let Some(old) = old {
         let t: Tombstone = decode("tombstone", &old)?;
@@ -404,7 +450,7 @@ fn tombstone_remove(txn: &WriteTransaction, key: &str) -> Result<()> {
 
 /// Stores an upload record and keeps its time-index entry in step (`prev_ns`: the time it
 /// was indexed under before, if any).
-fn upload_put(txn: &WriteTransaction, id: &str, rec: &UploadRec, prev_ns: Option<i64>) -> Result<()> {
+fn upload_put(txn: &Batch<'_>, id: &str, rec: &UploadRec, prev_ns: Option<i64>) -> Result<()> {
     if let Some(p) = prev_ns {
         txn.open_table(UPLOADS_BY_TIME)?
             .remove(time_key(p, id.as_bytes()).as_slice())?;
@@ -416,7 +462,7 @@ fn upload_put(txn: &WriteTransaction, id: &str, rec: &UploadRec, prev_ns: Option
 }
 
 /// Adds a file reference to a blob, creating it (and its chunk references) if new.
-fn blob_ref_file(txn: &WriteTransaction, b: &NewBlob, now_ns: i64) -> Result<()> {
+fn blob_ref_file(txn: &Batch<'_>, b: &NewBlob, now_ns: i64) -> Result<()> {
     let mut blobs = txn.open_table(BLOBS)?;
     let existing = blobs.get(&b.key[..])?.map(|v| v.value().to_vec());
     match existing {
@@ -436,7 +482,7 @@ fn blob_ref_file(txn: &WriteTransaction, b: &NewBlob, now_ns: i64) -> Result<()>
             for c in &b.chunks {
                 chunk_ref(txn, c)?;
             }
-            meta_add(txn, meta::BLOB_COUNT, 1)?;
+            meta_add(txn, meta::BLOB_COUNT, 1);
         }
     }
     Ok(())
@@ -456,7 +502,7 @@ fn new_blob_rec(b: &NewBlob, now_ns: i64, file_refs: u64, pinned: bool) -> BlobR
 }
 
 /// Removes the blob if nothing references it any more; returns the bytes released.
-fn blob_drop_if_unused(txn: &WriteTransaction, key: &[u8], rec: &BlobRec, now_ns: i64) -> Result<u64> {
+fn blob_drop_if_unused(txn: &Batch<'_>, key: &[u8], rec: &BlobRec, now_ns: i64) -> Result<u64> {
     if rec.file_refs > 0 || rec.pinned {
         txn.open_table(BLOBS)?.insert(key, rec.encode_to_vec().as_slice())?;
         return Ok(0);
@@ -465,12 +511,12 @@ fn blob_drop_if_unused(txn: &WriteTransaction, key: &[u8], rec: &BlobRec, now_ns
     for h in &rec.chunk_hashes {
         chunk_unref(txn, h, now_ns)?;
     }
-    meta_add(txn, meta::BLOB_COUNT, -1)?;
+    meta_add(txn, meta::BLOB_COUNT, -1);
     Ok(rec.size)
 }
 
 /// Drops one file reference from a blob.
-fn blob_unref_file(txn: &WriteTransaction, key: &[u8], now_ns: i64) -> Result<()> {
+fn blob_unref_file(txn: &Batch<'_>, key: &[u8], now_ns: i64) -> Result<()> {
     let bytes = txn.open_table(BLOBS)?.get(key)?.map(|v| v.value().to_vec());
     let Some(bytes) = bytes else {
         return Err(BlobError::Corrupt(format!("file points at unknown blob {}", hex(key))));
@@ -490,7 +536,7 @@ pub fn hex(b: &[u8]) -> String {
     })
 }
 
-fn get_upload(txn: &WriteTransaction, id: &str) -> Result<UploadRec> {
+fn get_upload(txn: &Batch<'_>, id: &str) -> Result<UploadRec> {
     let bytes = txn.open_table(UPLOADS)?.get(id)?.map(|v| v.value().to_vec());
     match bytes {
         Some(b) => decode("upload", &b),
@@ -509,7 +555,7 @@ fn stale(id: &str) -> BlobError {
 
 /// Removes an upload: its record, time-index entry and chunk rows, and (unless
 /// `keep_refs`, when a completed blob takes them over) its chunk references.
-fn remove_upload(txn: &WriteTransaction, id: &str, rec: &UploadRec, keep_refs: bool, now_ns: i64) -> Result<()> {
+fn remove_upload(txn: &Batch<'_>, id: &str, rec: &UploadRec, keep_refs: bool, now_ns: i64) -> Result<()> {
     let rows = upload_rows(&txn.open_table(UPLOAD_CHUNKS)?, id)?;
     if !keep_refs {
         for h in &rec.chunk_hashes {
@@ -533,7 +579,7 @@ fn remove_upload(txn: &WriteTransaction, id: &str, rec: &UploadRec, keep_refs: b
 
 /// Applies one operation. Operations check before they change anything, so a refused one
 /// leaves the transaction as it was and the others in the batch still commit.
-pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
+pub(crate) fn apply(txn: &Batch<'_>, op: Op) -> Result<Reply> {
     match op {
         Op::Custom(f) => f(txn),
         Op::PutFile { rec, blob } => {
@@ -546,14 +592,14 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             // The new reference first, so replacing a file with identical content never drops
             // the blob even for a moment.
             blob_ref_file(txn, &blob, rec.updated_ns)?;
-            meta_add(txn, meta::LOGICAL_BYTES, rec.size as i64)?;
+            meta_add(txn, meta::LOGICAL_BYTES, rec.size as i64);
             if let Some(o) = &old {
                 rec.created_ns = o.created_ns;
                 blob_unref_file(txn, &o.blob_key, rec.updated_ns)?;
-                meta_add(txn, meta::LOGICAL_BYTES, -(o.size as i64))?;
+                meta_add(txn, meta::LOGICAL_BYTES, -(o.size as i64));
             } else {
-                meta_add(txn, meta::FILE_COUNT, 1)?;
-                meta_add(txn, meta::FILE_GEN, 1)?;
+                meta_add(txn, meta::FILE_COUNT, 1);
+                meta_add(txn, meta::FILE_GEN, 1);
             }
             txn.open_table(FILES)?
                 .insert(rec.key.as_str(), rec.encode_to_vec().as_slice())?;
@@ -568,9 +614,9 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
             let old: FileRec = decode("file", &old)?;
             txn.open_table(FILES)?.remove(key.as_str())?;
             blob_unref_file(txn, &old.blob_key, now_ns)?;
-            meta_add(txn, meta::FILE_COUNT, -1)?;
-            meta_add(txn, meta::FILE_GEN, 1)?;
-            meta_add(txn, meta::LOGICAL_BYTES, -(old.size as i64))?;
+            meta_add(txn, meta::FILE_COUNT, -1);
+            meta_add(txn, meta::FILE_GEN, 1);
+            meta_add(txn, meta::LOGICAL_BYTES, -(old.size as i64));
             let tomb = Tombstone {
                 deleted_ns: now_ns,
                 blob_key: old.blob_key.clone(),
@@ -627,7 +673,7 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 return Err(BlobError::NotFound(format!("blob {} not found", hex(&key))));
             }
             rec.pinned = false;
-            meta_add(txn, meta::LOGICAL_BYTES, -(rec.size as i64))?;
+            meta_add(txn, meta::LOGICAL_BYTES, -(rec.size as i64));
             Ok(Reply::Freed(blob_drop_if_unused(txn, &key, &rec, now_ns)?))
         }
         Op::CreateUpload { id, rec } => {
@@ -725,7 +771,7 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                 Some(bytes) => {
                     let mut b: BlobRec = decode("blob", &bytes)?;
                     if !b.pinned {
-                        meta_add(txn, meta::LOGICAL_BYTES, blob.size as i64)?;
+                        meta_add(txn, meta::LOGICAL_BYTES, blob.size as i64);
                     }
                     b.pinned = true;
                     txn.open_table(BLOBS)?
@@ -740,8 +786,8 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                     let b = new_blob_rec(&blob, now_ns, 0, true);
                     txn.open_table(BLOBS)?
                         .insert(&blob.key[..], b.encode_to_vec().as_slice())?;
-                    meta_add(txn, meta::BLOB_COUNT, 1)?;
-                    meta_add(txn, meta::LOGICAL_BYTES, blob.size as i64)?;
+                    meta_add(txn, meta::BLOB_COUNT, 1);
+                    meta_add(txn, meta::LOGICAL_BYTES, blob.size as i64);
                     b
                 }
             };
@@ -886,8 +932,8 @@ pub(crate) fn apply(txn: &WriteTransaction, op: Op) -> Result<Reply> {
                     files.push((hash, rec.size as u64));
                 }
                 bytes += rec.size as u64;
-                meta_add(txn, meta::STORAGE_USED, -(rec.size as i64))?;
-                meta_add(txn, meta::CHUNK_COUNT, -1)?;
+                meta_add(txn, meta::STORAGE_USED, -(rec.size as i64));
+                meta_add(txn, meta::CHUNK_COUNT, -1);
             }
             Ok(Reply::Collected {
                 files,

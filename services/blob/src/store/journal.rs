@@ -255,19 +255,21 @@ impl Journal {
             puts: 0,
         };
         let mut seq = covered;
+        let batch = index::Batch::new(&txn);
         for e in entries {
             seq = e.seq;
             for p in e.puts {
                 replayed.puts += 1;
                 // A refusal now was a refusal then (the apply is deterministic): only a
                 // storage failure stops the replay.
-                if let Err(e) = index::apply(&txn, put_op(p)?)
+                if let Err(e) = index::apply(&batch, put_op(p)?)
                     && super::committer::aborts(&e)
                 {
                     return Err(e);
                 }
             }
         }
+        batch.finish()?;
         if commit {
             set_covered(&txn, seq)?;
             txn.commit()?;

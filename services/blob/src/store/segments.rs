@@ -264,9 +264,7 @@ impl Store {
                 format!("segment {} is gone", loc.segment),
             ));
         };
-        let mut buf = vec![0u8; size as usize];
-        file.read_at(loc.offset, &mut buf)?;
-        Ok(Bytes::from(buf))
+        Ok(Bytes::from(file.read_vec(loc.offset, size as usize)?))
     }
 
     /// One compaction pass: sealed segments that are mostly dead have their live chunks copied

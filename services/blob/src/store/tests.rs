@@ -382,3 +382,72 @@ proptest! {
         });
     }
 }
+
+/// The counters a batch gathers in memory (`index::Batch`) come out as if every operation had
+/// committed on its own: puts, a replacement, deduplicated content, a refused delete, a delete.
+#[test]
+fn counters_of_one_batch_equal_those_of_one_transaction_per_operation() {
+    use index::{Batch, ChunkMeta, NewBlob, Op, apply, init_tables, read_counters};
+    let put = |key: &str, data: &[u8]| {
+        let hash = *blake3::hash(data).as_bytes();
+        let mut c = ChunkMeta::new(hash, data.len() as u32);
+        c.inline = Some(bytes::Bytes::copy_from_slice(data));
+        Op::PutFile {
+            rec: FileRec {
+                key: key.into(),
+                blob_key: hash.to_vec(),
+                size: data.len() as u64,
+                ..Default::default()
+            },
+            blob: NewBlob {
+                key: hash,
+                size: data.len() as u64,
+                chunks: vec![c],
+                content_type: String::new(),
+                attributes: Default::default(),
+            },
+        }
+    };
+    let ops = || {
+        vec![
+            put("a", b"first"),
+            put("b", b"shared"),
+            put("a", b"replaced content"),
+            put("c", b"shared"),
+            Op::DeleteFile {
+                key: "missing".into(),
+                now_ns: 1,
+            },
+            Op::DeleteFile {
+                key: "b".into(),
+                now_ns: 2,
+            },
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let one = redb::Database::create(dir.path().join("one.redb")).unwrap();
+    let each = redb::Database::create(dir.path().join("each.redb")).unwrap();
+    init_tables(&one).unwrap();
+    init_tables(&each).unwrap();
+
+    let txn = one.begin_write().unwrap();
+    let batch = Batch::new(&txn);
+    let refused: Vec<bool> = ops().into_iter().map(|op| apply(&batch, op).is_err()).collect();
+    batch.finish().unwrap();
+    txn.commit().unwrap();
+    assert_eq!(refused, [false, false, false, false, true, false]);
+
+    for op in ops() {
+        let txn = each.begin_write().unwrap();
+        let batch = Batch::new(&txn);
+        let _ = apply(&batch, op);
+        batch.finish().unwrap();
+        txn.commit().unwrap();
+    }
+    let (a, b) = (read_counters(&one).unwrap(), read_counters(&each).unwrap());
+    let tuple = |c: index::Counters| (c.files, c.blobs, c.chunks, c.storage_used, c.logical_bytes, c.file_gen);
+    assert_eq!(tuple(a), tuple(b));
+    // "a" (16 bytes) and "c" (6) remain; "first" waits for GC, so three chunks are stored.
+    assert_eq!((a.files, a.logical_bytes), (2, 22));
+    assert_eq!((a.chunks, a.storage_used), (3, 5 + 6 + 16));
+}

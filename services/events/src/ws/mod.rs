@@ -193,11 +193,7 @@ impl Gateway {
             let tls = tls.clone();
             tokio::spawn(async move {
                 let Some(tls) = tls else {
-                    let info = ConnInfo {
-                        remote_addr: Some(remote),
-                        peer_certs: None,
-                        insecure: true,
-                    };
+                    let info = ConnInfo::new(Some(remote), None, true);
                     return serve_http(tcp, router, Remote(remote, info), read_timeout, stop).await;
                 };
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.http_current());
@@ -208,11 +204,7 @@ impl Gateway {
                             .1
                             .peer_certificates()
                             .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>()));
-                        let info = ConnInfo {
-                            remote_addr: Some(remote),
-                            peer_certs: certs,
-                            insecure: false,
-                        };
+                        let info = ConnInfo::new(Some(remote), certs, false);
                         serve_http(stream, router, Remote(remote, info), read_timeout, stop).await
                     }
                     Ok(Err(e)) => {
