@@ -121,6 +121,40 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used so far (`None`: this process), from
+/// `/proc/<pid>/stat` in clock ticks of 1/100 s (Linux's USER_HZ on every supported arch).
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// CPU used by the server and by this client (the load generator) between two points: the
+/// phases are CPU-bound on small machines, and these show which side spends it.
+struct CpuMeter {
+    pid: u32,
+    server: f64,
+    client: f64,
+}
+
+impl CpuMeter {
+    fn start(pid: u32) -> CpuMeter {
+        CpuMeter {
+            pid,
+            server: cpu_secs(Some(pid)),
+            client: cpu_secs(None),
+        }
+    }
+    /// (server, client) CPU seconds since the start.
+    fn stop(&self) -> (f64, f64) {
+        (cpu_secs(Some(self.pid)) - self.server, cpu_secs(None) - self.client)
+    }
+}
+
 /// Samples a process's RSS until stopped; returns the peak.
 fn rss_sampler(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -373,6 +407,7 @@ async fn main() {
     // 1 GiB upload, 1 MiB messages generated on the fly.
     let (stop, sampler) = rss_sampler(pid);
     let base = rss_kib(pid);
+    let cpu = CpuMeter::start(pid);
     let start = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel::<FileChunk>(4);
     // Unique content at the cost of a copy: 1 MiB windows of a random pool, each stamped with its
@@ -402,6 +437,7 @@ async fn main() {
         .await
         .expect("upload");
     let up_secs = start.elapsed().as_secs_f64();
+    let up_cpu = cpu.stop();
     producer.await.expect("producer");
     stop.store(true, Ordering::Relaxed);
     let up_peak = sampler.join().expect("sampler");
@@ -417,6 +453,7 @@ async fn main() {
         tls_mbps
     };
     let (stop, sampler) = rss_sampler(pid);
+    let cpu = CpuMeter::start(pid);
     let start = Instant::now();
     let mut s = FileServiceClient::new(ch.clone())
         .download_file(FileRequest {
@@ -432,6 +469,7 @@ async fn main() {
     }
     assert_eq!(got, bytes);
     let down_secs = start.elapsed().as_secs_f64();
+    let down_cpu = cpu.stop();
     stop.store(true, Ordering::Relaxed);
     let down_peak = sampler.join().expect("sampler");
     let down_mbps = bytes as f64 / 1e6 / down_secs;
@@ -439,7 +477,9 @@ async fn main() {
 
     let batch_before = histogram(server.admin, "peervault_blob_commit_batch_size");
     let secs_before = histogram(server.admin, "peervault_blob_commit_seconds");
+    let cpu = CpuMeter::start(pid);
     let (put_ops, put_p50, put_p99) = small_ops(&ch, small, 32, false).await;
+    let put_cpu = cpu.stop();
     let batch_after = histogram(server.admin, "peervault_blob_commit_batch_size");
     let secs_after = histogram(server.admin, "peervault_blob_commit_seconds");
     let commits = batch_after.1 - batch_before.1;
@@ -447,9 +487,18 @@ async fn main() {
     let ops_per_commit = per_commit(batch_after.0, batch_before.0);
     let commit_ms = per_commit(secs_after.0, secs_before.0) * 1000.0;
     let rss_after_puts = rss_kib(pid);
+    let cpu = CpuMeter::start(pid);
     let (get_ops, get_p50, get_p99) = small_ops(&ch, small, 32, true).await;
+    let get_cpu = cpu.stop();
     let rss_after_gets = rss_kib(pid);
     let mib_of = |k: u64| k as f64 / 1024.0;
+    // CPU per unit of work: ns per byte for streams, µs per operation for small objects.
+    let per_byte = |(server, client): (f64, f64)| {
+        serde_json::json!({ "server_ns_per_byte": server * 1e9 / bytes as f64, "client_ns_per_byte": client * 1e9 / bytes as f64 })
+    };
+    let per_op = |(server, client): (f64, f64)| {
+        serde_json::json!({ "server_us_per_op": server * 1e6 / small as f64, "client_us_per_op": client * 1e6 / small as f64 })
+    };
 
     let report = serde_json::json!({
         "machine": {
@@ -468,6 +517,7 @@ async fn main() {
             "fraction_of_limit": up_mbps / limit,
             "target_fraction": 0.60,
             "server_rss_peak_extra_mib": (up_peak.saturating_sub(base)) as f64 / 1024.0,
+            "cpu": per_byte(up_cpu),
         },
         "download_1gib": {
             "mbps": down_mbps,
@@ -476,9 +526,10 @@ async fn main() {
             "fraction_of_limit": down_mbps / down_limit,
             "target_fraction": 0.75,
             "server_rss_peak_extra_mib": (down_peak.saturating_sub(base)) as f64 / 1024.0,
+            "cpu": per_byte(down_cpu),
         },
-        "put_4kib_32_streams": { "ops": small, "ops_per_sec": put_ops, "p50_ms": put_p50, "p99_ms": put_p99, "times_small_limit": put_ops / small_limit, "target_times_small_limit": 1.5, "target_p99_ms": 30, "index_commits": commits, "ops_per_index_commit": ops_per_commit, "index_commit_ms_mean": commit_ms },
-        "get_4kib_32_streams": { "ops": small, "ops_per_sec": get_ops, "p50_ms": get_p50, "p99_ms": get_p99, "target_ops_per_sec": 15000 },
+        "put_4kib_32_streams": { "ops": small, "ops_per_sec": put_ops, "p50_ms": put_p50, "p99_ms": put_p99, "times_small_limit": put_ops / small_limit, "target_times_small_limit": 1.5, "target_p99_ms": 30, "index_commits": commits, "ops_per_index_commit": ops_per_commit, "index_commit_ms_mean": commit_ms, "cpu": per_op(put_cpu) },
+        "get_4kib_32_streams": { "ops": small, "ops_per_sec": get_ops, "p50_ms": get_p50, "p99_ms": get_p99, "target_ops_per_sec": 15000, "cpu": per_op(get_cpu) },
         "server_idle_rss_mib": idle_rss as f64 / 1024.0,
         "server_rss_mib": {
             "idle": mib_of(idle_rss),
