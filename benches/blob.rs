@@ -125,7 +125,9 @@ fn rss_kib(pid: u32) -> u64 {
 /// `/proc/<pid>/stat` in clock ticks of 1/100 s (Linux's USER_HZ on every supported arch).
 fn cpu_secs(pid: Option<u32>) -> f64 {
     let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
-    let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
     // Fields after the command name (which may hold spaces) start at state, field 3.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -493,12 +495,8 @@ async fn main() {
     let rss_after_gets = rss_kib(pid);
     let mib_of = |k: u64| k as f64 / 1024.0;
     // CPU per unit of work: ns per byte for streams, µs per operation for small objects.
-    let per_byte = |(server, client): (f64, f64)| {
-        serde_json::json!({ "server_ns_per_byte": server * 1e9 / bytes as f64, "client_ns_per_byte": client * 1e9 / bytes as f64 })
-    };
-    let per_op = |(server, client): (f64, f64)| {
-        serde_json::json!({ "server_us_per_op": server * 1e6 / small as f64, "client_us_per_op": client * 1e6 / small as f64 })
-    };
+    let per_byte = |(server, client): (f64, f64)| serde_json::json!({ "server_ns_per_byte": server * 1e9 / bytes as f64, "client_ns_per_byte": client * 1e9 / bytes as f64 });
+    let per_op = |(server, client): (f64, f64)| serde_json::json!({ "server_us_per_op": server * 1e6 / small as f64, "client_us_per_op": client * 1e6 / small as f64 });
 
     let report = serde_json::json!({
         "machine": {

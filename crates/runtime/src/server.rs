@@ -634,11 +634,7 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let conn = match tls {
-                None => Conn::new(
-                    ConnIo::Plain(tcp),
-                    ConnInfo::new(Some(remote), None, true),
-                    &metrics,
-                ),
+                None => Conn::new(ConnIo::Plain(tcp), ConnInfo::new(Some(remote), None, true), &metrics),
                 Some(tls) => {
                     let acceptor = TlsAcceptor::from(tls.current());
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {

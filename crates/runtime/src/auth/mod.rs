@@ -441,7 +441,9 @@ impl Authorizer {
     pub fn connection_identity(&self, conn: Option<&ConnInfo>) -> Identity {
         match conn {
             Some(c) if c.insecure => Identity::Insecure,
-            Some(c) => c.certificate_identity(&self.trust_domain).unwrap_or(Identity::Anonymous),
+            Some(c) => c
+                .certificate_identity(&self.trust_domain)
+                .unwrap_or(Identity::Anonymous),
             None => Identity::Anonymous,
         }
     }

@@ -38,20 +38,6 @@ pub(crate) fn aborts(e: &BlobError) -> bool {
     )
 }
 
-/// Applies every operation of a batch; a storage-level failure aborts the whole batch.
-fn apply_all(txn: &redb::WriteTransaction, ops: Vec<Op>) -> Result<Vec<Result<Reply>>> {
-    let mut results = Vec::with_capacity(ops.len());
-    let batch = Batch::new(txn);
-    for op in ops {
-        match apply(&batch, op) {
-            Err(e) if aborts(&e) => return Err(e),
-            r => results.push(r),
-        }
-    }
-    batch.finish()?;
-    Ok(results)
-}
-
 /// Applies one batch and makes it durable: through the journal when it takes the batch
 /// (the transaction then commits non-durably), else with a durable, quick-repair commit that
 /// also covers every journal entry so far (the journal is emptied after it).
@@ -63,55 +49,28 @@ fn commit_batch(
 ) -> Result<Vec<Result<Reply>>> {
     let entry = journal.entry_for(&ops);
     let mut txn = db.begin_write()?;
+    match &entry {
+        Some(_) => txn.set_durability(Durability::None)?,
+        None => txn.set_quick_repair(true),
+    }
+    let mut results = Vec::with_capacity(ops.len());
+    let batch = Batch::new(&txn);
+    for op in ops {
+        match apply(&batch, op) {
+            Err(e) if aborts(&e) => return Err(e),
+            r => results.push(r),
+        }
+    }
+    batch.finish()?;
     let Some((seq, bytes)) = entry else {
-        txn.set_quick_repair(true);
-        let results = apply_all(&txn, ops)?;
         journal::set_covered(&txn, journal.seq())?;
         txn.commit()?;
         journal.reset();
         return Ok(results);
     };
-    txn.set_durability(Durability::None)?;
-    // The entry's write and fdatasync (the batch's wait) overlap its index work (the batch's
-    // CPU): the entry holds the operations, not their outcome, so it can be written before they
-    // are applied. Durable first, visible second: the transaction commits only once the entry
-    // is on disk, so readers never see what a crash could take back.
-    let (applied, appended) = std::thread::scope(|s| {
-        let append = std::thread::Builder::new()
-            .name("blob-journal".into())
-            .spawn_scoped(s, || journal.append(seq, &bytes));
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let results = apply_all(&txn, ops)?;
-            journal::set_covered(&txn, seq)?;
-            Ok::<_, BlobError>(results)
-        }));
-        let appended = match append {
-            Ok(h) => h
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the journal writer panicked"))),
-            Err(e) => Err(e),
-        };
-        (applied, appended)
-    });
-    // A refused batch's entry must never be replayed.
-    let refuse = |journal: &mut Journal| {
-        if appended.is_ok() {
-            journal.unappend(bytes.len());
-        }
-        metrics.journal_appends.with_label_values(&["failed"]).inc();
-    };
-    let results = match applied {
-        Ok(Ok(results)) => results,
-        Ok(Err(e)) => {
-            refuse(journal);
-            return Err(e);
-        }
-        Err(panic) => {
-            refuse(journal);
-            std::panic::resume_unwind(panic)
-        }
-    };
-    if let Err(e) = appended {
+    journal::set_covered(&txn, seq)?;
+    // Durable first, visible second: readers never see what a crash could take back.
+    if let Err(e) = journal.append(seq, &bytes) {
         metrics.journal_appends.with_label_values(&["failed"]).inc();
         return Err(BlobError::io("append to the index journal", e));
     }
