@@ -138,7 +138,7 @@ pub struct ConnInfo {
     /// The identity derived from `peer_certs`, parsed on the connection's first call and shared
     /// by every later one (the certificate cannot change within a connection), keyed by the
     /// trust domain it was derived under.
-    pub cert_identity: Arc<OnceLock<(String, Identity)>>,
+    cert_identity: Arc<OnceLock<(String, Identity)>>,
 }
 
 impl ConnInfo {
@@ -202,6 +202,25 @@ mod tests {
 
     fn der(pem: &str) -> CertificateDer<'static> {
         rustls_pemfile::certs(&mut pem.as_bytes()).next().unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_connection_parses_its_certificate_once_per_trust_domain() {
+        let set = DevCertSet::generate("peervault.local", &["localhost".into()]).unwrap();
+        let conn = ConnInfo::new(None, Some(Arc::new(vec![der(&set.server_cert_pem)])), false);
+        let first = conn.certificate_identity("peervault.local").unwrap();
+        assert!(first.is_service());
+        // Clones (one per request) share the parsed identity.
+        let again = conn.clone().certificate_identity("peervault.local").unwrap();
+        assert_eq!(again, first);
+        assert!(conn.cert_identity.get().is_some());
+        // Another trust domain is never answered from the cache: there the name is no service.
+        let other = conn.certificate_identity("elsewhere.example").unwrap();
+        assert!(!other.is_service());
+        assert_eq!(
+            ConnInfo::new(None, None, false).certificate_identity("peervault.local"),
+            None
+        );
     }
 
     #[test]

@@ -206,3 +206,27 @@ impl Disk for OsDisk {
         builder.create(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The read into uninitialised memory returns exactly the bytes asked for, and a range past
+    /// the end is `UnexpectedEof` (what the chunk read maps to DATA_LOSS), as `read_at` does.
+    #[test]
+    fn a_segment_reads_exact_ranges_and_refuses_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = OsDisk.open_segment(&dir.path().join("s.seg"), true).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        seg.write_at(0, &data).unwrap();
+        assert_eq!(seg.read_vec(1000, 200_000).unwrap(), &data[1000..201_000]);
+        assert_eq!(seg.read_vec(0, 0).unwrap(), Vec::<u8>::new());
+        let err = seg.read_vec(299_000, 2000).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        let mut buf = vec![0u8; 2000];
+        assert_eq!(
+            seg.read_at(299_000, &mut buf).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+}
