@@ -7,7 +7,7 @@ mod common;
 use std::{collections::HashMap, path::Path};
 
 use bytes::Bytes;
-use common::{Node, NodeBuilder, WAIT};
+use common::{Node, NodeBuilder, WAIT, graviton::graviton_upload};
 use peervault_proto::v1::{
     ByteRange, DeleteBlobRequest, FileChunk, FileRequest, GetBlobRequest, ListBlobsRequest, ListFilesRequest,
     StartUpload, StatBlobRequest, UpdateFileMetadataRequest, UploadChunk, UploadMessage, UploadResponse,
@@ -128,47 +128,6 @@ async fn get_blob(ch: &Channel, key: &[u8], range: Option<(i64, Option<i64>)>) -
         out.extend_from_slice(&m.data);
     }
     Ok(out)
-}
-
-/// A Graviton upload: start, chunks, complete. Returns (key, acks seen).
-async fn graviton_upload(
-    ch: &Channel,
-    content: &[u8],
-    expected: Option<Vec<u8>>,
-) -> Result<(Vec<u8>, Vec<u64>), Status> {
-    let mut msgs = vec![UploadMessage {
-        message: Some(Up::Start(StartUpload {
-            total_size: content.len() as i64,
-            attributes: HashMap::from([("content-type".into(), "application/x-test".into())]),
-            upload_id: String::new(),
-        })),
-    }];
-    for (i, c) in content.chunks(100_000).enumerate() {
-        msgs.push(UploadMessage {
-            message: Some(Up::Chunk(UploadChunk {
-                data: Bytes::copy_from_slice(c),
-                offset: (i * 100_000) as i64,
-            })),
-        });
-    }
-    msgs.push(UploadMessage {
-        message: Some(Up::Complete(peervault_proto::v1::CompleteUpload {
-            expected_hash: expected.map(Bytes::from).unwrap_or_default(),
-        })),
-    });
-    let mut s = UploadServiceClient::new(ch.clone())
-        .upload(tokio_stream::iter(msgs))
-        .await?
-        .into_inner();
-    let mut acks = Vec::new();
-    while let Some(UploadResponse { response }) = s.message().await? {
-        match response {
-            Some(Down::Ack(a)) => acks.push(a.received_bytes),
-            Some(Down::Complete(c)) => return Ok((c.key.to_vec(), acks)),
-            None => {}
-        }
-    }
-    Err(Status::unknown("upload stream ended without completion"))
 }
 
 /// Unique chunks the store holds (its index's count).

@@ -19,10 +19,13 @@ use common::{
         Cluster, Rng, assert_acknowledged_by_majority, content, download, eventually, expected_owners, file_req,
         holders, list_all, s, statuses, upload, wait_drained,
     },
+    graviton::{graviton_session, graviton_upload},
 };
 use peervault_proto::v1::{
-    ChunkData, CommitRecordRequest, FileRecord, GetRecordRequest, HasChunksRequest, HybridTimestamp, ListFilesRequest,
-    PutRecordRequest, file_service_client::FileServiceClient, replication_service_client::ReplicationServiceClient,
+    ByteRange, ChunkData, CommitRecordRequest, DeleteBlobRequest, FileRecord, GetBlobRequest, GetRecordRequest,
+    HasChunksRequest, HybridTimestamp, ListBlobsRequest, ListFilesRequest, PutRecordRequest, StartUpload,
+    StatBlobRequest, blob_service_client::BlobServiceClient, file_service_client::FileServiceClient,
+    replication_service_client::ReplicationServiceClient,
 };
 use tonic::Code;
 
@@ -176,6 +179,32 @@ async fn five_pods_place_three_copies_and_list_the_whole_store_from_any_pod() {
         let keys: Vec<String> = r.files.iter().map(|f| f.key.clone()).collect();
         assert_eq!(keys, want[10..20].to_vec(), "pod {i} page 2");
         assert_eq!(r.total, 25);
+        // A filter applies before pages are cut, and to `total`: "1" is in k/01, k/10..k/19,
+        // k/21 (12 keys), by page number and after a token.
+        let filtered: Vec<String> = want.iter().filter(|k| k.contains('1')).cloned().collect();
+        assert_eq!(filtered.len(), 12);
+        let page = |page: i32, token: String| ListFilesRequest {
+            page_size: 5,
+            page,
+            page_token: token,
+            filter: "1".into(),
+            ..Default::default()
+        };
+        let r = c.list_files(page(2, String::new())).await.unwrap().into_inner();
+        let keys: Vec<String> = r.files.iter().map(|f| f.key.clone()).collect();
+        assert_eq!(
+            (keys.as_slice(), r.total),
+            (&filtered[5..10], 12),
+            "pod {i} filtered page 2"
+        );
+        let first = c.list_files(page(1, String::new())).await.unwrap().into_inner();
+        let r = c.list_files(page(0, first.next_page_token)).await.unwrap().into_inner();
+        let keys: Vec<String> = r.files.iter().map(|f| f.key.clone()).collect();
+        assert_eq!(
+            (keys.as_slice(), r.total),
+            (&filtered[5..10], 12),
+            "pod {i} filtered after a token"
+        );
     }
     cl.kill(3);
     for i in [0, 1, 2, 4] {
@@ -796,4 +825,176 @@ async fn an_api_key_made_on_one_pod_works_on_every_pod_and_its_revocation_spread
         }
     })
     .await;
+}
+
+/// Reads a whole blob (or `range`) through BlobService on `ch`, checking offsets.
+async fn get_blob(
+    ch: &tonic::transport::Channel,
+    key: &[u8],
+    range: Option<(i64, Option<i64>)>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut s = BlobServiceClient::new(ch.clone())
+        .get_blob(GetBlobRequest {
+            key: Bytes::copy_from_slice(key),
+            range: range.map(|(start, end)| ByteRange { start, end }),
+        })
+        .await?
+        .into_inner();
+    let first = range.map(|r| r.0).unwrap_or(0) as usize;
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await? {
+        assert_eq!(m.offset as usize, first + out.len());
+        out.extend_from_slice(&m.data);
+    }
+    Ok(out)
+}
+
+async fn list_blob_keys(ch: &tonic::transport::Channel, start_after: &[u8], limit: u32) -> Vec<Vec<u8>> {
+    let mut s = BlobServiceClient::new(ch.clone())
+        .list_blobs(ListBlobsRequest {
+            prefix: Bytes::new(),
+            start_after: Bytes::copy_from_slice(start_after),
+            limit,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        out.push(m.key.to_vec());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graviton_blobs_are_replicated_served_by_every_pod_and_deleted_everywhere() {
+    let mut cl = Cluster::start(3, &[]);
+    let big = content(21, 300_000); // 5 chunks of 64 KiB
+    let small = content(22, 1000);
+    let ch0 = cl.pod(0).channel().await;
+    let (big_key, _) = graviton_upload(&ch0, &big, None).await.unwrap();
+    let (small_key, _) = graviton_upload(&ch0, &small, None).await.unwrap();
+    assert_eq!(big_key, blake3::hash(&big).as_bytes().to_vec());
+    // A wrong expected hash stores nothing, anywhere.
+    let wrong = graviton_upload(
+        &ch0,
+        &content(23, 200_000),
+        Some(blake3::hash(b"x").as_bytes().to_vec()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument, "{wrong:?}");
+    wait_drained(&cl);
+
+    // Every pod holds both records (R = 3 on 3 pods) and serves them: whole, by range, stat.
+    let record_key = |k: &[u8]| peervault_blob::store::replica::blob_record_key(&<[u8; 32]>::try_from(k).unwrap());
+    let everyone: BTreeSet<String> = cl.ids().into_iter().collect();
+    assert_eq!(holders(&cl, &record_key(&big_key), &[0, 1, 2]).await, everyone);
+    assert_eq!(holders(&cl, &record_key(&small_key), &[0, 1, 2]).await, everyone);
+    let mut sorted = vec![big_key.clone(), small_key.clone()];
+    sorted.sort();
+    for i in 0..3 {
+        let ch = cl.pod(i).channel().await;
+        assert_eq!(get_blob(&ch, &big_key, None).await.unwrap(), big, "pod {i}");
+        assert_eq!(get_blob(&ch, &small_key, None).await.unwrap(), small, "pod {i}");
+        assert_eq!(
+            get_blob(&ch, &big_key, Some((70_000, Some(140_000)))).await.unwrap(),
+            &big[70_000..140_000],
+            "pod {i}"
+        );
+        assert_eq!(
+            get_blob(&ch, &small_key, Some((10, Some(20)))).await.unwrap(),
+            &small[10..20]
+        );
+        let past = get_blob(&ch, &big_key, Some((0, Some(300_001)))).await.unwrap_err();
+        assert_eq!(past.code(), Code::OutOfRange, "pod {i}: {past:?}");
+        let st = BlobServiceClient::new(ch.clone())
+            .stat_blob(StatBlobRequest {
+                key: Bytes::copy_from_slice(&big_key),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((st.size, st.content_type.as_str()), (300_000, "application/x-test"));
+        assert_eq!(list_blob_keys(&ch, &[], 0).await, sorted, "pod {i}");
+        assert_eq!(list_blob_keys(&ch, &sorted[0], 0).await, &sorted[1..], "pod {i}");
+        assert_eq!(list_blob_keys(&ch, &[], 1).await, &sorted[..1], "pod {i}");
+        // Blob records are not files: no listing, count or lookup shows them.
+        let mut f = cl.files(i).await;
+        let l = f.list_files(ListFilesRequest::default()).await.unwrap().into_inner();
+        assert_eq!((l.files.len(), l.total), (0, 0), "pod {i}: {l:?}");
+        let e = f.get_file(file_req(&record_key(&big_key))).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "pod {i}");
+        assert_eq!(cl.pod(i).metric("peervault_blob_files", &[]), Some(0.0), "pod {i}");
+    }
+    let bad = BlobServiceClient::new(ch0.clone())
+        .stat_blob(StatBlobRequest {
+            key: Bytes::from_static(&[1; 31]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // The coordinator dies: the others still serve the blob; a delete through one of them
+    // reaches a majority, and the pod that missed it gets the tombstone when it returns.
+    cl.kill(0);
+    let ch1 = cl.pod(1).channel().await;
+    let ch2 = cl.pod(2).channel().await;
+    assert_eq!(get_blob(&ch2, &big_key, None).await.unwrap(), big);
+    let d = BlobServiceClient::new(ch1.clone())
+        .delete_blob(DeleteBlobRequest {
+            key: Bytes::copy_from_slice(&big_key),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.deleted);
+    for ch in [&ch1, &ch2] {
+        let e = get_blob(ch, &big_key, None).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    }
+    // With two of three down a blob upload fails cleanly and appears nowhere.
+    // The upload itself stays resumable: completing it again once the pods are back stores it.
+    cl.kill(2);
+    let lone = content(24, 150_000);
+    let (lone_id, r) = graviton_session(&ch1, &lone, StartUpload::default()).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("resumable"), "{e:?}");
+    cl.start_pod(0);
+    cl.start_pod(2);
+    cl.wait_ready(0, true);
+    cl.wait_ready(2, true);
+    wait_drained(&cl);
+    let lone_key = blake3::hash(&lone).as_bytes().to_vec();
+    for i in 0..3 {
+        let ch = cl.pod(i).channel().await;
+        eventually(&format!("pod {i} holds the tombstone"), WAIT, || {
+            let cl = &cl;
+            let k = record_key(&big_key);
+            async move { holders(cl, &k, &[i]).await.is_empty() }
+        })
+        .await;
+        let e = get_blob(&ch, &big_key, None).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "pod {i}");
+        assert_eq!(
+            get_blob(&ch, &lone_key, None).await.unwrap_err().code(),
+            Code::NotFound,
+            "pod {i}"
+        );
+        assert_eq!(get_blob(&ch, &small_key, None).await.unwrap(), small, "pod {i}");
+        assert_eq!(list_blob_keys(&ch, &[], 0).await, std::slice::from_ref(&small_key), "pod {i}");
+    }
+    let resumed = StartUpload {
+        upload_id: lone_id,
+        ..Default::default()
+    };
+    let (_, r) = graviton_session(&ch1, &lone, resumed).await;
+    assert_eq!(r.unwrap(), lone_key);
+    wait_drained(&cl);
+    for i in 0..3 {
+        let ch = cl.pod(i).channel().await;
+        assert_eq!(get_blob(&ch, &lone_key, None).await.unwrap(), lone, "pod {i}");
+    }
+    assert_eq!(holders(&cl, &record_key(&lone_key), &[0, 1, 2]).await, everyone);
 }

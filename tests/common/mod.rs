@@ -14,6 +14,7 @@ use std::{
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub mod cluster;
+pub mod graviton;
 pub mod proxy;
 pub mod ws;
 

@@ -101,21 +101,25 @@ impl Cluster {
         Ok((r, small))
     }
 
-    /// Streams `rec`'s content from byte `start` (at most its size) as messages made by
-    /// `to_message` (offset, data, last, chunk hash when the piece is a whole chunk), each chunk
-    /// fetched local-first with failover. Chunks wholly before `start` are not fetched.
+    /// Streams bytes `start..end` of `rec`'s content (`end` at most its size) as messages made
+    /// by `to_message` (offset, data, last, chunk hash when the piece is a whole chunk), each
+    /// chunk fetched local-first with failover. Chunks wholly outside the range are not fetched.
     pub fn stream_content<M: Send + 'static>(
         &self,
         rec: FileRecord,
         start: u64,
+        end: u64,
         to_message: impl Fn(u64, Bytes, bool, Option<[u8; 32]>) -> M + Send + 'static,
     ) -> tonic::codegen::BoxStream<M> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<M, tonic::Status>>(2);
         let me = self.clone();
         tokio::spawn(async move {
-            let total = rec.size.max(0) as u64;
+            let total = end.min(rec.size.max(0) as u64);
             let mut chunk_start = 0u64;
             for (h, &size) in rec.chunk_hashes.iter().zip(&rec.chunk_sizes) {
+                if chunk_start >= total {
+                    return;
+                }
                 let chunk_end = chunk_start + size as u64;
                 if chunk_end <= start {
                     chunk_start = chunk_end;
@@ -133,10 +137,11 @@ impl Cluster {
                     }
                 };
                 let from = start.saturating_sub(chunk_start).min(data.len() as u64) as usize;
-                let whole = from == 0 && data.len() <= crate::grpc::MAX_FRAME;
+                let to = (total - chunk_start).min(data.len() as u64) as usize;
+                let whole = from == 0 && to == data.len() && data.len() <= crate::grpc::MAX_FRAME;
                 let mut offset = chunk_start + from as u64;
-                for i in (from..data.len()).step_by(crate::grpc::MAX_FRAME) {
-                    let piece = data.slice(i..(i + crate::grpc::MAX_FRAME).min(data.len()));
+                for i in (from..to).step_by(crate::grpc::MAX_FRAME) {
+                    let piece = data.slice(i..(i + crate::grpc::MAX_FRAME).min(to));
                     let len = piece.len() as u64;
                     let msg = to_message(offset, piece, offset + len == total, whole.then_some(hash));
                     if tx.send(Ok(msg)).await.is_err() {

@@ -5,6 +5,7 @@
 //! pass-through to the store: no copies, no RPCs.
 
 mod batch;
+mod blobs;
 pub mod config;
 mod files;
 pub mod handoff;
@@ -33,6 +34,7 @@ use peervault_proto::v1::{
 use peervault_runtime::{ServiceContext, client::ServiceChannel};
 use tokio::sync::{Notify, watch};
 
+pub use blobs::blob_key_of;
 pub use config::ClusterConfig;
 pub use files::Replicas;
 pub use read::{ReadOutcome, ReplicaState};
@@ -170,6 +172,9 @@ struct Inner {
     events: EventPublisher,
     layout_changed: Notify,
     throttle: sync::Throttle,
+    /// Follows a membership view (`--peer-endpoint`): writes are records that can replicate,
+    /// even while this pod is the only member.
+    replicates: bool,
 }
 
 type Client = ReplicationServiceClient<ServiceChannel>;
@@ -289,6 +294,7 @@ impl Cluster {
                 events,
                 layout_changed: Notify::new(),
                 throttle: sync::Throttle::new(cfg_rate),
+                replicates: view.is_some(),
             }),
         };
         if let Ok(n) = cluster.inner.handoff.len() {
@@ -323,6 +329,12 @@ impl Cluster {
     /// The layout in force.
     pub fn layout(&self) -> Arc<Layout> {
         self.inner.layout.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether this pod follows a membership view and so may replicate (a blob pod with
+    /// `--peer-endpoint`), even while it is the only member; `serve all` does not.
+    pub fn replicates(&self) -> bool {
+        self.inner.replicates
     }
 
     /// Whether calls go straight to the local store (one member).
@@ -547,7 +559,7 @@ impl Cluster {
         self.inner.events.publish(
             EventBuilder::new("file_operations", "file_replicated")
                 .data(serde_json::json!({
-                    "key": key,
+                    "key": crate::store::replica::display_key(key),
                     "node": self.inner.ctx.node_id,
                     "replica": target,
                     "timestamp": peervault_runtime::time::rfc3339(&ts),

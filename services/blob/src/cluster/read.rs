@@ -12,8 +12,12 @@ use peervault_proto::v1::{FileRecord, GetChunkRequest, ListRecordsRequest, Recor
 use super::{Cluster, Layout, majority};
 use crate::{
     error::{BlobError, Result},
-    store::hex,
+    store::{hex, replica::is_internal_key},
 };
+
+/// A key past every record of the store's own (they start with `\u{1}`) and before every user
+/// key (no user key holds a control character): file listings start after it.
+const LAST_INTERNAL: &str = "\u{1f}";
 
 /// A replica's state as FileResponse.replicas reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,12 +377,20 @@ impl Cluster {
         let layout = self.layout();
         let sources = sources(&layout);
         let batch = (limit + skip).clamp(16, 1000) as u32;
+        // A listing of files never shows the store's own records (blob records, which sort
+        // before every user key): it starts past them.
+        let internal = is_internal_key(prefix);
+        let after = match after {
+            Some(a) if internal || a >= LAST_INTERNAL => a,
+            _ if internal => "",
+            _ => LAST_INTERNAL,
+        };
         let mut cursors: Vec<Source> = sources
             .into_iter()
             .map(|id| Source {
                 id,
                 buf: std::collections::VecDeque::new(),
-                after: after.unwrap_or("").to_string(),
+                after: after.to_string(),
                 done: false,
             })
             .collect();
@@ -425,7 +437,7 @@ impl Cluster {
                 }
             }
             let Some(r) = best else { continue };
-            if r.deleted || (!filter.is_empty() && !r.key.contains(filter)) {
+            if r.deleted || (!filter.is_empty() && !r.key.contains(filter)) || (!internal && is_internal_key(&r.key)) {
                 continue;
             }
             total += 1;

@@ -295,7 +295,7 @@ impl BlobApi {
         let key = rec.key.clone();
         Ok(self
             .cluster
-            .stream_content(rec, start, move |offset, data, last, whole| FileChunk {
+            .stream_content(rec, start, size, move |offset, data, last, whole| FileChunk {
                 file_key: key.clone(),
                 data,
                 offset: offset as i64,
@@ -351,16 +351,24 @@ impl BlobApi {
         } else {
             0
         };
-        let (records, more, _) = self
+        // `total` counts every match of the filter: a listing from the start counts them in the
+        // same merged pass that cuts the page; a page after a token needs a pass of its own.
+        let from_start = after.is_none();
+        let (records, more, counted) = self
             .cluster
-            .list_merged(&req.prefix, after.as_deref(), skip, size, &req.filter, false)
+            .list_merged(&req.prefix, after.as_deref(), skip, size, &req.filter, from_start)
             .await
             .map_err(status)?;
-        let (_, _, total) = self
-            .cluster
-            .list_merged(&req.prefix, None, 0, 0, "", true)
-            .await
-            .map_err(status)?;
+        let total = if from_start {
+            counted
+        } else {
+            let (_, _, total) = self
+                .cluster
+                .list_merged(&req.prefix, None, 0, 0, &req.filter, true)
+                .await
+                .map_err(status)?;
+            total
+        };
         let files: Vec<FileRec> = records.iter().map(crate::store::replica::file_rec).collect();
         let next = if more {
             files.last().map(|f| encode_token(&f.key)).unwrap_or_default()

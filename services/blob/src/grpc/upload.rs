@@ -236,10 +236,28 @@ impl BlobApi {
                     let elapsed = finished.elapsed();
                     let key = finished.blob.key;
                     let size = finished.blob.size;
-                    store
-                        .complete_upload(&id, session, finished)
-                        .await
-                        .map_err(|e| self.status(e))?;
+                    if self.cluster.replicates() {
+                        // A replicated blob is a record on its owners; until that write
+                        // succeeds the upload stays resumable (its chunks are still its own).
+                        let (_, replicas) = match self.cluster.put_blob(finished).await {
+                            Ok(x) => x,
+                            Err(BlobError::Unavailable(m)) => {
+                                return Err(Status::unavailable(format!(
+                                    "{m}; the upload stays resumable: start again with upload_id {id} and complete it once the pods are back"
+                                )));
+                            }
+                            Err(e) => return Err(self.status(e)),
+                        };
+                        if let Err(e) = store.abort_upload(&id, Some(session)).await {
+                            tracing::debug!(upload_id = %id, error = %e, "upload record already gone after its blob was stored");
+                        }
+                        tracing::debug!(upload_id = %id, replicas = replicas.len(), "blob replicated");
+                    } else {
+                        store
+                            .complete_upload(&id, session, finished)
+                            .await
+                            .map_err(|e| self.status(e))?;
+                    }
                     store
                         .metrics()
                         .upload_duration

@@ -598,7 +598,10 @@ pub(crate) fn apply(txn: &Batch<'_>, op: Op) -> Result<Reply> {
                 blob_unref_file(txn, &o.blob_key, rec.updated_ns)?;
                 meta_add(txn, meta::LOGICAL_BYTES, -(o.size as i64));
             } else {
-                meta_add(txn, meta::FILE_COUNT, 1);
+                // Blob records are the store's own: the file count is what users listed.
+                if !super::replica::is_internal_key(&rec.key) {
+                    meta_add(txn, meta::FILE_COUNT, 1);
+                }
                 meta_add(txn, meta::FILE_GEN, 1);
             }
             txn.open_table(FILES)?
@@ -614,7 +617,9 @@ pub(crate) fn apply(txn: &Batch<'_>, op: Op) -> Result<Reply> {
             let old: FileRec = decode("file", &old)?;
             txn.open_table(FILES)?.remove(key.as_str())?;
             blob_unref_file(txn, &old.blob_key, now_ns)?;
-            meta_add(txn, meta::FILE_COUNT, -1);
+            if !super::replica::is_internal_key(&key) {
+                meta_add(txn, meta::FILE_COUNT, -1);
+            }
             meta_add(txn, meta::FILE_GEN, 1);
             meta_add(txn, meta::LOGICAL_BYTES, -(old.size as i64));
             let tomb = Tombstone {

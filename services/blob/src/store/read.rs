@@ -160,8 +160,8 @@ impl Store {
         let txn = self.inner.db.begin_read()?;
         let t = txn.open_table(index::FILES)?;
         let start = match after {
-            Some(a) if a >= q.prefix => a,
-            _ => q.prefix,
+            Some(a) if a >= q.start() => a,
+            _ => q.start(),
         };
         let mut out = Vec::new();
         for e in t.range(start..)? {
@@ -205,7 +205,7 @@ impl Store {
         let txn = self.inner.db.begin_read()?;
         let t = txn.open_table(index::FILES)?;
         let mut n = 0;
-        for e in t.range(q.prefix..)? {
+        for e in t.range(q.start()..)? {
             let (k, _) = e?;
             let key = k.value();
             if !key.starts_with(q.prefix) {
@@ -241,7 +241,7 @@ impl Store {
         let txn = self.inner.db.begin_read()?;
         let t = txn.open_table(index::FILES)?;
         let mut seen = 0u64;
-        for e in t.range(q.prefix..)? {
+        for e in t.range(q.start()..)? {
             let (k, _) = e?;
             let key = k.value();
             if !key.starts_with(q.prefix) {
@@ -344,8 +344,22 @@ pub struct FileQuery<'a> {
 }
 
 impl FileQuery<'_> {
+    /// Where a scan for this query starts: at the prefix, and never before the first key a
+    /// user can have (the store's own records, which start with a control character, sort
+    /// before it).
+    fn start(&self) -> &str {
+        const FIRST_USER_KEY: &str = " ";
+        if self.prefix < FIRST_USER_KEY {
+            FIRST_USER_KEY
+        } else {
+            self.prefix
+        }
+    }
+
+    /// Whether a user's listing shows `key`: it contains the filter and is not one of the
+    /// store's own records.
     fn matches(&self, key: &str) -> bool {
-        self.filter.is_empty() || key.contains(self.filter)
+        (self.filter.is_empty() || key.contains(self.filter)) && !super::replica::is_internal_key(key)
     }
 }
 

@@ -26,6 +26,32 @@ pub fn chunk_partition(hash: &[u8; 32]) -> u32 {
     hash[0] as u32
 }
 
+/// Prefix of the records that stand for blobs uploaded through the Graviton UploadService on
+/// a blob pod that replicates: such a blob is kept as a record under this prefix and its hex
+/// content key, so placement, majority writes, the hand-off queue, anti-entropy and tombstones
+/// treat it as they treat a file. User keys cannot contain control characters
+/// ([`crate::validate::file_key`]), so no file collides with these and listings of files skip
+/// them ([`is_internal_key`]).
+pub const BLOB_RECORD_PREFIX: &str = "\u{1}blob/";
+
+/// The record key of the blob with content key `key`.
+pub fn blob_record_key(key: &[u8; 32]) -> String {
+    format!("{BLOB_RECORD_PREFIX}{}", hex(key))
+}
+
+/// Whether `key` is one of the store's own records (a blob record) rather than a user's file.
+pub fn is_internal_key(key: &str) -> bool {
+    key.starts_with(|c: char| c.is_control())
+}
+
+/// How a record key is shown to people (logs, events): a blob record as `blob:<hex>`.
+pub fn display_key(key: &str) -> std::borrow::Cow<'_, str> {
+    match key.strip_prefix(BLOB_RECORD_PREFIX) {
+        Some(hex) => format!("blob:{hex}").into(),
+        None => key.into(),
+    }
+}
+
 /// Orders clock readings: physical time, then the counter, then the pod id. A record without a
 /// clock (written before replication) is older than any with one.
 pub fn hlc_key(h: Option<&Hlc>) -> (u64, u32, &str) {
