@@ -206,6 +206,41 @@ async fn five_pods_place_three_copies_and_list_the_whole_store_from_any_pod() {
             "pod {i} filtered after a token"
         );
     }
+    // Graviton blobs through each pod land on exactly the owners of their record (a
+    // coordinator that is not one keeps no copy) and read back from every pod.
+    let mut blobs = Vec::new();
+    for i in 0..5u64 {
+        let data = content(100 + i, 140_000);
+        let ch = cl.pod(i as usize).channel().await;
+        let (key, _) = graviton_upload(&ch, &data, None).await.unwrap();
+        blobs.push((
+            peervault_blob::store::replica::blob_record_key(&key.clone().try_into().unwrap()),
+            key,
+            data,
+        ));
+    }
+    wait_drained(&cl);
+    for (rkey, key, data) in &blobs {
+        assert_eq!(
+            holders(&cl, rkey, &[0, 1, 2, 3, 4]).await,
+            expected_owners(&cl.ids(), rkey)
+        );
+        for i in 0..5 {
+            let mut s = BlobServiceClient::new(cl.pod(i).channel().await)
+                .get_blob(GetBlobRequest {
+                    key: Bytes::copy_from_slice(key),
+                    range: None,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut got = Vec::new();
+            while let Some(m) = s.message().await.unwrap() {
+                got.extend_from_slice(&m.data);
+            }
+            assert!(got == *data, "pod {i}");
+        }
+    }
     cl.kill(3);
     for i in [0, 1, 2, 4] {
         let mut c = cl.files(i).await;
@@ -923,6 +958,12 @@ async fn graviton_blobs_are_replicated_served_by_every_pod_and_deleted_everywher
         let mut f = cl.files(i).await;
         let l = f.list_files(ListFilesRequest::default()).await.unwrap().into_inner();
         assert_eq!((l.files.len(), l.total), (0, 0), "pod {i}: {l:?}");
+        let by_prefix = ListFilesRequest {
+            prefix: "\u{1}blob/".into(),
+            ..Default::default()
+        };
+        let l = f.list_files(by_prefix).await.unwrap().into_inner();
+        assert_eq!((l.files.len(), l.total), (0, 0), "pod {i}: {l:?}");
         let e = f.get_file(file_req(&record_key(&big_key))).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "pod {i}");
         assert_eq!(cl.pod(i).metric("peervault_blob_files", &[]), Some(0.0), "pod {i}");
@@ -983,7 +1024,11 @@ async fn graviton_blobs_are_replicated_served_by_every_pod_and_deleted_everywher
             "pod {i}"
         );
         assert_eq!(get_blob(&ch, &small_key, None).await.unwrap(), small, "pod {i}");
-        assert_eq!(list_blob_keys(&ch, &[], 0).await, std::slice::from_ref(&small_key), "pod {i}");
+        assert_eq!(
+            list_blob_keys(&ch, &[], 0).await,
+            std::slice::from_ref(&small_key),
+            "pod {i}"
+        );
     }
     let resumed = StartUpload {
         upload_id: lone_id,

@@ -341,6 +341,14 @@ impl BlobApi {
             n if n <= 0 => DEFAULT_PAGE,
             n => (n as usize).min(MAX_PAGE),
         };
+        if crate::store::replica::is_internal_key(&req.prefix) {
+            // No file key starts with a control character; the store's own records do.
+            return Ok(ListFilesResponse {
+                page: req.page.max(1),
+                page_size: size as i32,
+                ..Default::default()
+            });
+        }
         let after = if req.page_token.is_empty() {
             None
         } else {
