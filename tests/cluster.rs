@@ -1043,3 +1043,86 @@ async fn graviton_blobs_are_replicated_served_by_every_pod_and_deleted_everywher
     }
     assert_eq!(holders(&cl, &record_key(&lone_key), &[0, 1, 2]).await, everyone);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graviton_upload_resumed_through_another_pod_is_relayed_to_the_pod_holding_it() {
+    use peervault_proto::v1::{
+        UploadChunk, UploadMessage, upload_message::Message as Up, upload_response::Response as Down,
+        upload_service_client::UploadServiceClient,
+    };
+    let mut cl = Cluster::start(3, &[]);
+    let data = content(31, 5 * 65_536 + 99);
+    // Two and a half chunks through pod 0; once two are acknowledged, the stream drops.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(UploadMessage {
+        message: Some(Up::Start(StartUpload {
+            total_size: data.len() as i64,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut s = UploadServiceClient::new(cl.pod(0).channel().await)
+        .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Down::Ack(first)) = s.message().await.unwrap().unwrap().response else {
+        panic!("expected an ack")
+    };
+    let id = first.upload_id;
+    assert!(id.contains('.'), "the id names its holder: {id}");
+    tx.send(UploadMessage {
+        message: Some(Up::Chunk(UploadChunk {
+            data: Bytes::copy_from_slice(&data[..2 * 65_536 + 30_000]),
+            offset: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut acked = 0;
+    while acked < 2 * 65_536 {
+        match s.message().await.unwrap().unwrap().response {
+            Some(Down::Ack(a)) => acked = a.received_bytes,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(tx);
+    drop(s);
+
+    // The holder is down: resuming through another pod says so.
+    cl.kill(0);
+    let resume = StartUpload {
+        upload_id: id.clone(),
+        ..Default::default()
+    };
+    let (_, r) = graviton_session(&cl.pod(2).channel().await, &data, resume.clone()).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("is held by pod"), "{e:?}");
+    // Back up: resumed through pod 1, relayed to pod 0, continued from the acknowledged bytes
+    // and completed; the blob then reads back from every pod.
+    cl.start_pod(0);
+    cl.wait_ready(0, true);
+    cl.wait_members(3);
+    let (_, r) = graviton_session(&cl.pod(1).channel().await, &data, resume).await;
+    let key = r.unwrap();
+    assert_eq!(key, blake3::hash(&data).as_bytes().to_vec());
+    assert_eq!(
+        cl.pod(1)
+            .metric("peervault_replication_uploads_forwarded_total", &["result=\"ok\""]),
+        Some(1.0)
+    );
+    wait_drained(&cl);
+    for i in 0..3 {
+        let ch = cl.pod(i).channel().await;
+        assert_eq!(get_blob(&ch, &key, None).await.unwrap(), data, "pod {i}");
+    }
+    // A completed upload id is gone on its holder, whichever pod is asked.
+    let again = StartUpload {
+        upload_id: id,
+        ..Default::default()
+    };
+    let (_, r) = graviton_session(&cl.pod(2).channel().await, &data, again).await;
+    assert_eq!(r.unwrap_err().code(), Code::NotFound);
+}

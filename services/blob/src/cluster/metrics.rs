@@ -38,6 +38,9 @@ pub mod names {
     /// Items per coalesced replication call, by call (`get_records`, `put_records`,
     /// `commit_records`).
     pub const BATCH_SIZE: &str = "peervault_replication_batch_size";
+    /// Resumed Graviton upload sessions relayed to the pod that holds the upload, by result
+    /// (`ok`, `error`: the holder refused, failed or could not be reached).
+    pub const UPLOADS_FORWARDED_TOTAL: &str = "peervault_replication_uploads_forwarded_total";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -57,6 +60,7 @@ pub mod names {
         SCRUB_REPAIRED_TOTAL,
         TOMBSTONES_COLLECTED_TOTAL,
         BATCH_SIZE,
+        UPLOADS_FORWARDED_TOTAL,
     ];
 }
 
@@ -95,6 +99,8 @@ pub struct ClusterMetrics {
     pub tombstones_collected: IntCounter,
     /// See [`names::BATCH_SIZE`].
     pub batch_size: HistogramVec,
+    /// See [`names::UPLOADS_FORWARDED_TOTAL`].
+    pub uploads_forwarded: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -148,6 +154,13 @@ impl ClusterMetrics {
                     .buckets(prometheus::exponential_buckets(1.0, 2.0, 9)?),
                 &["call"],
             )?,
+            uploads_forwarded: IntCounterVec::new(
+                Opts::new(
+                    names::UPLOADS_FORWARDED_TOTAL,
+                    "Resumed upload sessions relayed to the pod holding the upload, by result.",
+                ),
+                &["result"],
+            )?,
         };
         if let Some(r) = registry {
             let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -167,6 +180,7 @@ impl ClusterMetrics {
                 Box::new(m.scrub_repaired.clone()),
                 Box::new(m.tombstones_collected.clone()),
                 Box::new(m.batch_size.clone()),
+                Box::new(m.uploads_forwarded.clone()),
             ];
             for c in all {
                 match r.register(c) {
@@ -187,6 +201,9 @@ impl ClusterMetrics {
         }
         for result in ["in_sync", "differ", "error"] {
             m.digest_rounds.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            m.uploads_forwarded.with_label_values(&[result]);
         }
         Ok(m)
     }

@@ -471,6 +471,20 @@ impl Cluster {
         self.link(id).map(|(c, _)| c)
     }
 
+    /// A fresh service channel to member `id` (for a call relayed to it, such as a resumed
+    /// upload held there); `None` when the view does not list it.
+    pub fn member_channel(&self, id: &str) -> Option<ServiceChannel> {
+        let layout = self.layout();
+        let peer = layout.peers.get(id)?;
+        match self.inner.ctx.channel("--peers", &peer.endpoint) {
+            Ok(ch) => Some(ch),
+            Err(e) => {
+                tracing::warn!(peer = %id, error = %e, "cannot build a channel to a member");
+                None
+            }
+        }
+    }
+
     /// The coalescing batchers for member `id`.
     pub(crate) fn calls(&self, id: &str) -> Option<Arc<PeerCalls>> {
         self.link(id).map(|(_, b)| b)
