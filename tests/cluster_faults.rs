@@ -559,3 +559,74 @@ async fn a_tombstone_is_collected_only_after_the_pod_that_missed_the_delete_hold
         assert_eq!(download(&mut c, "gc/keep").await.unwrap(), data, "pod {i}");
     }
 }
+
+/// A write whose commit round reaches only its coordinator: the two other owners took the
+/// pending record and are then stopped (SIGSTOP) at the exact step between the rounds (a pause
+/// point in the coordinator, debug builds). The client hears that the outcome is unknown; the
+/// coordinator's copy and its hand-off queue make the write appear everywhere once the owners
+/// are back, with no read; a retry orders after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_committed_only_by_its_coordinator_is_reported_unknown_and_then_converges() {
+    let pauses = tempfile::tempdir().unwrap();
+    let mut cl = Cluster::new(3, &[]);
+    cl.pod_env[0].push(("PEERVAULT_TEST_PAUSE_DIR".into(), pauses.path().display().to_string()));
+    cl.start_peer();
+    for i in 0..3 {
+        cl.start_pod(i);
+    }
+    cl.wait_members(3);
+    let pause = pauses.path().join("replicate.before_commit.pause");
+    let reached = pauses.path().join("replicate.before_commit.reached");
+    std::fs::write(&pause, b"").unwrap();
+    let data = content(41, 200_000);
+    let mut c0 = cl.files(0).await;
+    let sent = data.clone();
+    let write = tokio::spawn(async move { upload(&mut c0, "u/unknown", &sent).await });
+    eventually("the write reaches its commit round", WAIT, || {
+        let reached = reached.clone();
+        async move { reached.exists() }
+    })
+    .await;
+    cl.pod(1).signal("STOP");
+    cl.pod(2).signal("STOP");
+    std::fs::remove_file(&pause).unwrap();
+    let e = write.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("outcome is unknown"), "{e:?}");
+    assert_eq!(
+        cl.pod(0)
+            .metric("peervault_replication_writes_total", &["result=\"unknown\""]),
+        Some(1.0)
+    );
+    assert!(
+        local_record(&cl, 0, "u/unknown").await.is_some(),
+        "the coordinator applied it"
+    );
+    assert!(
+        cl.pod(0)
+            .metric("peervault_replication_handoff_queue_depth", &[])
+            .unwrap()
+            >= 2.0
+    );
+
+    cl.pod(1).signal("CONT");
+    cl.pod(2).signal("CONT");
+    wait_drained(&cl);
+    for i in 0..3 {
+        let r = local_record(&cl, i, "u/unknown").await;
+        assert!(
+            r.is_some_and(|r| !r.deleted),
+            "pod {i} holds the write without any read"
+        );
+    }
+    for i in 0..3 {
+        let mut c = cl.files(i).await;
+        assert!(download(&mut c, "u/unknown").await.unwrap() == data, "pod {i}");
+    }
+    let mut c1 = cl.files(1).await;
+    upload(&mut c1, "u/unknown", b"retried").await.unwrap();
+    for i in 0..3 {
+        let mut c = cl.files(i).await;
+        assert_eq!(download(&mut c, "u/unknown").await.unwrap(), b"retried", "pod {i}");
+    }
+}

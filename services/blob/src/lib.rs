@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod pause;
 pub mod peervault_api;
 pub mod store;
 pub mod validate;

@@ -424,9 +424,10 @@ impl Cluster {
                 "only {} of {} owners of '{}' could be reached (a majority is needed); nothing was stored",
                 pending_ok.len(),
                 owners.len(),
-                rec.key
+                crate::store::replica::display_key(&rec.key)
             )));
         }
+        crate::pause::point("replicate.before_commit").await;
         // Round 2: commit, this pod's copy at the same time as the remote ones (each owner's
         // fsync is on the critical path once, not one after the other).
         let mut committed: HashSet<String> = HashSet::new();
@@ -517,7 +518,7 @@ impl Cluster {
             tracing::error!(key = %rec.key, committed = committed.len(), owners = owners.len(), "write outcome unknown: fewer than a majority committed");
             return Err(BlobError::Unavailable(format!(
                 "the write of '{}' reached {} of {} owners before they stopped answering: its outcome is unknown (it may appear later); retry it",
-                rec.key,
+                crate::store::replica::display_key(&rec.key),
                 committed.len(),
                 owners.len()
             )));
