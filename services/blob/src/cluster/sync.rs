@@ -13,8 +13,12 @@ use peervault_proto::v1::{ChunkData, FileRecord, GetRecordRequest, HasChunksRequ
 use super::Cluster;
 use crate::{
     error::{BlobError, Result},
-    store::{INLINE_MAX, hex},
+    store::INLINE_MAX,
 };
+
+/// Chunks sent to a replica in one PutChunks stream while repairing (bounded, so that one call
+/// stays well inside the replication timeout; memory is a few chunks whatever this is).
+const CHUNKS_PER_CALL: usize = 8;
 
 /// A token bucket over bytes per second (0: unlimited), shared by every repair worker.
 pub struct Throttle {
@@ -138,29 +142,16 @@ impl Cluster {
                     .await
                     .map_err(|st| BlobError::Unavailable(format!("{target}: {}", st.message())))?
                     .present;
-                for ((h, &size), have) in hs.iter().zip(ss).zip(present.iter().chain(std::iter::repeat(&false))) {
-                    if *have {
-                        continue;
-                    }
-                    let Ok(hash) = <[u8; 32]>::try_from(h.as_ref()) else {
-                        continue;
-                    };
-                    let data = self.fetch_chunk(&rec.key, hash, size).await?;
-                    self.throttle(reason, data.len() as u64).await;
-                    let n = data.len() as u64;
-                    let pieces: Vec<ChunkData> = (0..data.len().max(1))
-                        .step_by(super::MAX_PIECE)
-                        .map(|i| ChunkData {
-                            hash: h.clone(),
-                            data: data.slice(i..(i + super::MAX_PIECE).min(data.len())),
-                        })
-                        .collect();
-                    self.timed(client.put_chunks(tokio_stream::iter(pieces)))
-                        .await
-                        .map_err(|st| {
-                            BlobError::Unavailable(format!("{target} refused chunk {}: {}", hex(&hash), st.message()))
-                        })?;
-                    self.inner.metrics.bytes_sent.with_label_values(&[reason]).inc_by(n);
+                let missing: Vec<([u8; 32], u32)> = hs
+                    .iter()
+                    .zip(ss)
+                    .zip(present.iter().chain(std::iter::repeat(&false)))
+                    .filter(|(_, have)| !**have)
+                    .filter_map(|((h, &size), _)| <[u8; 32]>::try_from(h.as_ref()).ok().map(|h| (h, size)))
+                    .collect();
+                for group in missing.chunks(CHUNKS_PER_CALL) {
+                    self.send_chunks_to(&mut client, target, &rec.key, group, reason)
+                        .await?;
                 }
             }
         }
@@ -178,6 +169,58 @@ impl Cluster {
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(target, key = %rec.key, applied, reason, "replica brought up to date");
         Ok(applied)
+    }
+
+    /// Sends `chunks` of record `key` to `target` in one PutChunks stream: each fetched
+    /// (local-first) and throttled as the stream needs it, so the replica stores one chunk
+    /// while the next arrives, and at most a few chunks are in memory. The call answers once
+    /// every chunk is durable there.
+    async fn send_chunks_to(
+        &self,
+        client: &mut super::Client,
+        target: &str,
+        key: &str,
+        chunks: &[([u8; 32], u32)],
+        reason: &'static str,
+    ) -> Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<ChunkData>(4);
+        let (me, owned_key, list) = (self.clone(), key.to_string(), chunks.to_vec());
+        let producer = tokio::spawn(async move {
+            let mut sent = 0u64;
+            for (hash, size) in list {
+                let data = me.fetch_chunk(&owned_key, hash, size).await?;
+                me.throttle(reason, data.len() as u64).await;
+                let h = Bytes::copy_from_slice(&hash);
+                for i in (0..data.len().max(1)).step_by(super::MAX_PIECE) {
+                    let piece = ChunkData {
+                        hash: h.clone(),
+                        data: data.slice(i..(i + super::MAX_PIECE).min(data.len())),
+                    };
+                    if tx.send(piece).await.is_err() {
+                        return Ok(sent); // the call ended; its status says why
+                    }
+                }
+                sent += data.len() as u64;
+            }
+            Ok::<u64, BlobError>(sent)
+        });
+        let call = self
+            .timed(client.put_chunks(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await;
+        let produced = producer
+            .await
+            .map_err(|e| BlobError::Unavailable(format!("chunk reader failed: {e}")))?;
+        // A chunk that could not be read is the cause to report, not the stream cut short.
+        let sent = produced?;
+        call.map_err(|st| {
+            BlobError::Unavailable(format!(
+                "{target} refused chunks of '{}': {}",
+                crate::store::replica::display_key(key),
+                st.message()
+            ))
+        })?;
+        self.inner.metrics.bytes_sent.with_label_values(&[reason]).inc_by(sent);
+        Ok(())
     }
 
     pub(super) async fn throttle(&self, reason: &str, n: u64) {
