@@ -6,6 +6,7 @@ mod blobs;
 mod files;
 pub mod replication;
 mod upload;
+mod upload_relay;
 
 use std::{net::SocketAddr, time::Duration};
 
