@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -435,17 +434,18 @@ async fn replication_calls_need_a_service_identity_and_refuse_bad_input() {
     assert_eq!(got.hlc, rec.hlc);
 }
 
-/// The chunk files under a pod's data dir.
-fn chunk_files(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let root = dir.join("blob").join("chunks");
-    for sub in std::fs::read_dir(&root).unwrap().flatten() {
-        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
-            out.push(f.path());
+/// Flips one bit of the stored bytes that start with `needle` in a pod's segment files;
+/// returns whether they were found.
+fn flip_in_segments(dir: &std::path::Path, needle: &[u8], at: usize) -> bool {
+    for e in std::fs::read_dir(dir.join("blob").join("segments")).unwrap().flatten() {
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        if let Some(pos) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[pos + at] ^= 0x40;
+            std::fs::write(e.path(), bytes).unwrap();
+            return true;
         }
     }
-    out.sort();
-    out
+    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -454,21 +454,20 @@ async fn a_flipped_byte_is_found_by_scrub_and_repaired_from_a_replica() {
     let data = content(7, 200_000);
     let mut c = cl.files(0).await;
     upload(&mut c, "scrub/me", &data).await.unwrap();
-    let files = chunk_files(&cl.blob_dirs[1]);
-    assert!(!files.is_empty());
-    let victim = files[0].clone();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[100] ^= 0x40;
-    std::fs::write(&victim, &bytes).unwrap();
+    wait_drained(&cl);
+    // Pod 1 received the chunks from pod 0 into its segments; one of them rots there.
+    assert!(
+        flip_in_segments(&cl.blob_dirs[1], &data[..64], 100),
+        "pod 1 stores the chunks in segments"
+    );
     cl.pod(1)
         .wait_metric("peervault_replication_scrub_repaired_total", &[], |v| v >= 1.0);
-    let fixed = std::fs::read(&victim).unwrap();
-    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
-    assert_eq!(
-        blake3::hash(&fixed).to_hex().as_str(),
-        name,
-        "the chunk file holds its content again"
-    );
+    // The good copy from a replica takes over from the bad one.
+    let first = &data[..65_536];
+    let repaired = cl.blob_dirs[1].join("blob").join("chunks");
+    let name = blake3::hash(first).to_hex().to_string();
+    let copy = std::fs::read(repaired.join(&name[..2]).join(&name)).unwrap();
+    assert!(copy == first, "the repair copy holds the chunk's content");
     let mut c1 = cl.files(1).await;
     assert_eq!(download(&mut c1, "scrub/me").await.unwrap(), data);
 }

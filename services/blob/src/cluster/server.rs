@@ -2,8 +2,6 @@
 //! memory at a time), hold pending records, commit them, apply records if newer, and answer
 //! record and digest queries.
 
-use std::collections::VecDeque;
-
 use bytes::{Bytes, BytesMut};
 use peervault_proto::v1::{
     ChunkData, CommitRecordRequest, FileRecord, GetRecordsResult, HybridTimestamp, PutRecordRequest, PutRecordResponse,
@@ -16,7 +14,7 @@ use super::{Cluster, batch};
 use crate::{
     error::{BlobError, Result},
     store::{
-        hex,
+        ReplicaChunks, hex,
         replica::{PARTITIONS, check_record, hlc_from_wire},
     },
 };
@@ -36,10 +34,6 @@ pub const MAX_HASHES: usize = 10_000;
 fn hash32(b: &[u8]) -> Result<[u8; 32]> {
     <[u8; 32]>::try_from(b).map_err(|_| BlobError::invalid(format!("a chunk hash is 32 bytes, not {}", b.len())))
 }
-
-/// Chunks a PutChunks stream stores at once: while one is written and fsynced, the next is
-/// received (the fsyncs of several chunks overlap on the device).
-pub const SINK_IN_FLIGHT: usize = 2;
 
 fn check_batch(n: usize) -> Result<()> {
     if n > batch::MAX_ITEMS {
@@ -86,12 +80,21 @@ fn put_result(r: Result<PutRecordResponse>) -> PutRecordsResult {
     }
 }
 
-/// Assembles PutChunks pieces into chunks and stores each as it completes, up to
-/// [`SINK_IN_FLIGHT`] at once.
+/// The writer of a PutChunks stream: held here between chunks, or by the blocking task that
+/// stores the latest one (while the next is received).
+enum SinkWriter {
+    Idle(Option<ReplicaChunks>),
+    Writing(JoinHandle<(ReplicaChunks, Result<(bool, u64)>)>),
+}
+
+/// Assembles PutChunks pieces into chunks and appends each to a segment as it completes (one
+/// at a time, while the next is received); the stream's chunks become durable together at the
+/// end — one fdatasync (and one every few MiB on the way) and one index commit, instead of a
+/// file and two fsyncs per chunk.
 pub struct ChunkSink {
     cluster: Cluster,
     cur: Option<([u8; 32], BytesMut)>,
-    writing: VecDeque<JoinHandle<Result<(bool, u64)>>>,
+    writer: SinkWriter,
     /// Chunks newly stored.
     pub stored: u32,
     /// Bytes newly stored.
@@ -104,7 +107,7 @@ impl Cluster {
         ChunkSink {
             cluster: self.clone(),
             cur: None,
-            writing: VecDeque::new(),
+            writer: SinkWriter::Idle(Some(self.store().replica_chunks())),
             stored: 0,
             bytes: 0,
         }
@@ -413,45 +416,52 @@ impl ChunkSink {
         Ok(())
     }
 
-    /// Starts storing the chunk being assembled, if any; waits for the oldest write once
-    /// [`SINK_IN_FLIGHT`] are running (memory stays bounded by that many chunks).
+    /// Starts storing the chunk being assembled, if any, once the previous one is stored
+    /// (memory stays bounded by two chunks).
     async fn seal(&mut self) -> Result<()> {
-        if let Some((h, buf)) = self.cur.take() {
-            let data = buf.freeze();
-            let n = data.len() as u64;
-            let s = self.cluster.store().clone();
-            self.writing.push_back(tokio::task::spawn_blocking(move || {
-                s.put_chunk(&h, &data).map(|new| (new, n))
-            }));
-        }
-        while self.writing.len() > SINK_IN_FLIGHT {
-            self.wait_oldest().await?;
-        }
-        Ok(())
-    }
-
-    async fn wait_oldest(&mut self) -> Result<()> {
-        let Some(t) = self.writing.pop_front() else {
+        let Some((h, buf)) = self.cur.take() else {
             return Ok(());
         };
-        let (new, n) = t
-            .await
-            .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))??;
-        self.cluster.inner.metrics.bytes_received.inc_by(n);
-        if new {
-            self.stored += 1;
-            self.bytes += n;
-        }
+        let mut w = self.wait().await?;
+        let data = buf.freeze();
+        let n = data.len() as u64;
+        self.writer = SinkWriter::Writing(tokio::task::spawn_blocking(move || {
+            let r = w.put(&h, &data).map(|new| (new, n));
+            (w, r)
+        }));
         Ok(())
     }
 
-    /// Stores the chunk being assembled, if any, and waits until every chunk of the stream is
-    /// durable.
+    /// Waits for the chunk being stored, counts it, and takes the writer back.
+    async fn wait(&mut self) -> Result<ReplicaChunks> {
+        let w = match std::mem::replace(&mut self.writer, SinkWriter::Idle(None)) {
+            SinkWriter::Idle(Some(w)) => w,
+            SinkWriter::Idle(None) => return Err(BlobError::Unavailable("chunk writer lost after a failure".into())),
+            SinkWriter::Writing(t) => {
+                let (w, r) = t
+                    .await
+                    .map_err(|e| BlobError::Unavailable(format!("write task failed: {e}")))?;
+                let (new, n) = r?;
+                self.cluster.inner.metrics.bytes_received.inc_by(n);
+                if new {
+                    self.stored += 1;
+                    self.bytes += n;
+                }
+                w
+            }
+        };
+        Ok(w)
+    }
+
+    /// Stores the chunk being assembled, if any, and makes every chunk of the stream durable
+    /// (bytes first, then the index records).
     pub async fn flush(&mut self) -> Result<()> {
         self.seal().await?;
-        while !self.writing.is_empty() {
-            self.wait_oldest().await?;
-        }
+        let mut w = self.wait().await?;
+        let w = tokio::task::spawn_blocking(move || w.sync().map(|()| w))
+            .await
+            .map_err(|e| BlobError::Unavailable(format!("sync task failed: {e}")))??;
+        w.commit().await?;
         Ok(())
     }
 }

@@ -238,6 +238,13 @@ pub(crate) enum Op {
     Relocate {
         moves: Vec<([u8; 32], SegLoc, SegLoc)>,
     },
+    /// Chunks received from another pod and written (durably) into segments: each becomes a
+    /// record with no references, waiting in the GC queue until a record uses it. A chunk the
+    /// index holds already keeps its copy (unless `repair` marks that copy as rotted).
+    AddChunks {
+        chunks: Vec<ChunkMeta>,
+        now_ns: i64,
+    },
     /// An operation composed elsewhere in the store (replica: apply a record if newer) from
     /// [`apply`] and the tables, committed in the same batches as everything else.
     Custom(CustomOp),
@@ -797,6 +804,33 @@ pub(crate) fn apply(txn: &Batch<'_>, op: Op) -> Result<Reply> {
                 }
             };
             Ok(Reply::Blob(out))
+        }
+        Op::AddChunks { chunks, now_ns } => {
+            let mut added = 0u64;
+            for c in &chunks {
+                let exists = txn.open_table(CHUNKS)?.get(&c.hash[..])?.is_some();
+                if exists {
+                    chunk_repair(txn, c)?;
+                    continue;
+                }
+                let Some(loc) = c.loc else { continue };
+                let rec = ChunkRec {
+                    refs: 0,
+                    size: c.size,
+                    inline: false,
+                    loc: Some(loc),
+                };
+                txn.open_table(CHUNKS)?
+                    .insert(&c.hash[..], rec.encode_to_vec().as_slice())?;
+                loc_add(txn, &loc, &c.hash, c.size)?;
+                meta_add(txn, meta::STORAGE_USED, c.size as i64);
+                meta_add(txn, meta::CHUNK_COUNT, 1);
+                txn.open_table(GC)?.insert(&c.hash[..], now_ns)?;
+                txn.open_table(GC_BY_TIME)?
+                    .insert(time_key(now_ns, &c.hash).as_slice(), ())?;
+                added += 1;
+            }
+            Ok(Reply::Freed(added))
         }
         Op::Relocate { moves } => {
             let (mut n, mut bytes) = (0, 0u64);

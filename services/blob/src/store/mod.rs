@@ -19,6 +19,8 @@ mod pins;
 mod read;
 pub mod records;
 pub mod replica;
+mod replica_chunks;
+pub use replica_chunks::ReplicaChunks;
 mod segments;
 mod tree;
 

@@ -345,3 +345,112 @@ async fn per_chunk_files_still_read() {
     store.collect_garbage().await.unwrap();
     assert!(!store.chunk_path(&hash_of(chunks[0])).exists(), "collected");
 }
+
+fn record_of(key: &str, data: &[u8]) -> peervault_proto::v1::FileRecord {
+    use peervault_proto::v1::{FileRecord, HybridTimestamp};
+    let chunks: Vec<&[u8]> = data.chunks(CHUNK as usize).collect();
+    FileRecord {
+        key: key.into(),
+        blob_key: bytes::Bytes::copy_from_slice(blake3::hash(data).as_bytes()),
+        size: data.len() as i64,
+        hlc: Some(HybridTimestamp {
+            physical_ms: 1,
+            logical: 0,
+            node_id: "n".into(),
+        }),
+        chunk_hashes: chunks
+            .iter()
+            .map(|c| bytes::Bytes::copy_from_slice(&hash_of(c)))
+            .collect(),
+        chunk_sizes: chunks.iter().map(|c| c.len() as u32).collect(),
+        ..Default::default()
+    }
+}
+
+/// Chunks from other pods go into a segment (no file each), are found by HasChunks and reads
+/// once committed, serve a record applied later, and the ones no record uses are collected.
+#[tokio::test]
+async fn chunks_from_other_pods_go_into_segments_and_wait_for_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let used = content(21, 2 * CHUNK as usize);
+    let unused = content(22, CHUNK as usize);
+    let mut w = store.replica_chunks();
+    // A chunk that does not match its hash is refused and stores nothing.
+    let bad = w.put(&hash_of(b"something else"), &unused).unwrap_err();
+    assert!(matches!(bad, BlobError::DataLoss(_)), "{bad:?}");
+    for c in used.chunks(CHUNK as usize).chain([unused.as_slice()]) {
+        assert!(w.put(&hash_of(c), c).unwrap());
+    }
+    assert!(!w.put(&hash_of(&unused), &unused).unwrap(), "once per batch");
+    assert!(!store.has_chunk(&hash_of(&unused)).unwrap(), "not before the commit");
+    w.sync().unwrap();
+    assert_eq!(w.commit().await.unwrap(), 3);
+    for c in used.chunks(CHUNK as usize).chain([unused.as_slice()]) {
+        assert!(store.has_chunk(&hash_of(c)).unwrap());
+        assert!(!store.chunk_path(&hash_of(c)).exists(), "no file of its own");
+        assert!(store.chunk_place(&hash_of(c)).is_some(), "in a segment");
+        assert_eq!(store.read_chunk_any(&hash_of(c)).unwrap(), c);
+    }
+    // A second batch holding a chunk the index has stores nothing new.
+    let mut w = store.replica_chunks();
+    assert!(!w.put(&hash_of(&unused), &unused).unwrap());
+    w.sync().unwrap();
+    assert_eq!(w.commit().await.unwrap(), 0);
+    assert!(store.apply_record(record_of("r", &used), None).await.unwrap().0);
+    // Survives a restart; GC (no grace here) takes the chunk no record uses, keeps the others.
+    drop(store);
+    let store = open(dir.path());
+    store.collect_garbage().await.unwrap();
+    assert_eq!(read(&store, "r").unwrap(), used);
+    assert!(!store.has_chunk(&hash_of(&unused)).unwrap(), "unused chunk collected");
+}
+
+/// Power fails at every step of a batch of received chunks: before the commit nothing is
+/// recorded (and the restart is clean); after it, every chunk reads back.
+#[tokio::test]
+async fn power_loss_while_receiving_chunks_records_all_or_nothing() {
+    let data = content(23, 3 * CHUNK as usize);
+    // How many disk operations an uninterrupted batch takes.
+    let disk = SimDisk::new(1);
+    let store = open_sim(&disk).unwrap();
+    let before = disk.ops();
+    let mut w = store.replica_chunks();
+    for c in data.chunks(CHUNK as usize) {
+        w.put(&hash_of(c), c).unwrap();
+    }
+    w.sync().unwrap();
+    w.commit().await.unwrap();
+    let total = disk.ops() - before;
+    drop(store);
+    for n in 0..=total {
+        let disk = SimDisk::new(n + 2);
+        let store = open_sim(&disk).unwrap();
+        disk.fail_after(n);
+        let done = async {
+            let mut w = store.replica_chunks();
+            for c in data.chunks(CHUNK as usize) {
+                w.put(&hash_of(c), c)?;
+            }
+            w.sync()?;
+            w.commit().await
+        }
+        .await;
+        drop(store);
+        disk.power_loss();
+        let store = open_sim(&disk).unwrap_or_else(|e| panic!("op {n}: reopen: {e}"));
+        let held: Vec<bool> = data
+            .chunks(CHUNK as usize)
+            .map(|c| store.has_chunk(&hash_of(c)).unwrap())
+            .collect();
+        if done.is_ok() {
+            assert_eq!(held, [true; 3], "op {n}: committed, so every chunk is there");
+        }
+        assert!(held.iter().all(|h| *h == held[0]), "op {n}: all or nothing: {held:?}");
+        for (c, h) in data.chunks(CHUNK as usize).zip(&held) {
+            if *h {
+                assert_eq!(store.read_chunk_any(&hash_of(c)).unwrap(), c, "op {n}");
+            }
+        }
+    }
+}
