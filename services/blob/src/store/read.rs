@@ -17,7 +17,7 @@ fn sound(hash: &[u8; 32], size: u32, data: &[u8]) -> bool {
 impl Store {
     /// Reads one chunk and verifies its hash; a mismatch or a missing chunk is DATA_LOSS.
     /// The chunk is where its record says: inline, in a segment (read with one `pread` on a
-    /// cached handle), or a per-chunk file (older data dirs and replica writes). Blocking.
+    /// cached handle), or a per-chunk file (older data dirs and repair copies). Blocking.
     pub fn read_chunk(&self, hash: &[u8; 32], size: u32) -> Result<Bytes> {
         if size as usize <= INLINE_MAX
             && let Some(d) = self.inline_chunk(hash)?
