@@ -117,9 +117,12 @@ impl BlobApi {
             return Err(Status::invalid_argument("total_size must not be negative"));
         }
         validate::metadata(&start.attributes).map_err(Status::from)?;
+        // Relayed only when held elsewhere: an upload this pod holds is served here even if the
+        // id names a member id this pod had before (a restart with a new address).
         if !origin.relayed
             && let Some(holder) = holder_of(&start.upload_id)
             && !self.cluster.layout().is_self(&holder)
+            && matches!(self.store.get_upload(&start.upload_id), Err(BlobError::NotFound(_)))
         {
             return self.relay_session(&holder, start, input, out, &origin).await;
         }
