@@ -276,6 +276,8 @@ def replication():
         (f"sum(rate(peervault_replication_repair_duration_seconds_count{{{SEL}}}{R}))", "repairs/s"),
         (f"sum(rate(peervault_replication_repair_duration_seconds_sum{{{SEL}}}{R}))", "repair seconds/s"),
     ], w=8)
+    b.panel("Resumed uploads relayed to the pod holding them", [(f"sum by (result) (rate(peervault_replication_uploads_forwarded_total{{{SEL}}}{R}))", "{{result}}")], w=8,
+            description="A Graviton upload resumed through another pod is relayed to the pod that holds it; errors: the holder refused, failed or was down.")
     b.panel("Anti-entropy digest rounds by result", [(f"sum by (result) (rate(peervault_replication_digest_rounds_total{{{SEL}}}{R}))", "{{result}}")], w=8)
     b.panel("Clock readings refused (too far ahead)", [(f"sum by (instance) (increase(peervault_replication_clock_refusals_total{{{SEL}}}{R}))", "{{instance}}")], w=8)
     b.row("Placement")
