@@ -20,6 +20,15 @@ use crate::{
 /// Blobs read from the index per page while streaming ListBlobs.
 const LIST_PAGE: usize = 1000;
 
+/// The size of the next ListBlobs page once `sent` of `limit` (0: no limit) were streamed.
+fn next_page(limit: usize, sent: usize) -> usize {
+    if limit == 0 {
+        LIST_PAGE
+    } else {
+        (limit - sent).min(LIST_PAGE)
+    }
+}
+
 fn metadata(key: &[u8; 32], b: &BlobRec) -> BlobMetadata {
     BlobMetadata {
         key: Bytes::copy_from_slice(key),
@@ -188,11 +197,7 @@ impl BlobService for BlobApi {
             let mut after = req.start_after.to_vec();
             let mut sent = 0usize;
             loop {
-                let page = if limit == 0 {
-                    LIST_PAGE
-                } else {
-                    (limit - sent).min(LIST_PAGE)
-                };
+                let page = next_page(limit, sent);
                 let (s, prefix, a) = (store.clone(), req.prefix.to_vec(), after.clone());
                 let batch = match tokio::task::spawn_blocking(move || s.list_blobs(&prefix, &a, page)).await {
                     Ok(Ok(b)) => b,
@@ -234,11 +239,7 @@ async fn list_replicated(
     let mut after = req.start_after.to_vec();
     let mut sent = 0usize;
     loop {
-        let page = if limit == 0 {
-            LIST_PAGE
-        } else {
-            (limit - sent).min(LIST_PAGE)
-        };
+        let page = next_page(limit, sent);
         let (records, more) = match cluster.list_blobs(&req.prefix, &after, page).await {
             Ok(x) => x,
             Err(e) => {

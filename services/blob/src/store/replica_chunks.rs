@@ -3,6 +3,8 @@
 //! ([`Op::AddChunks`]: unreferenced, in the GC queue until a record uses them) — instead of a
 //! file of its own and two fsyncs per chunk.
 
+use std::collections::HashSet;
+
 use super::{
     ChunkMeta, Store, hex,
     index::{Op, Reply},
@@ -26,6 +28,8 @@ pub struct ReplicaChunks {
     seg: Option<SegWriter>,
     pins: Pins,
     written: Vec<ChunkMeta>,
+    /// Hashes in `written` (a stream may repeat a chunk; a long one holds thousands).
+    seen: HashSet<[u8; 32]>,
     /// Bytes appended since the last fdatasync.
     unsynced: u64,
     failed: bool,
@@ -41,6 +45,7 @@ impl Store {
             seg: None,
             pins: Pins::new(self),
             written: Vec::new(),
+            seen: HashSet::new(),
             unsynced: 0,
             failed: false,
             reserved: 0,
@@ -59,7 +64,7 @@ impl ReplicaChunks {
                 hex(hash)
             )));
         }
-        if self.written.iter().any(|c| &c.hash == hash) {
+        if self.seen.contains(hash) {
             return Ok(false);
         }
         let size = u32::try_from(data.len())
@@ -91,6 +96,7 @@ impl ReplicaChunks {
                 meta.loc = Some(loc);
                 meta.repair = matches!(found, Existing::Rotted);
                 self.written.push(meta);
+                self.seen.insert(*hash);
                 if self.unsynced >= SYNC_EVERY {
                     self.sync()?;
                 }
