@@ -28,6 +28,8 @@ use tracing_subscriber::{
 
 use crate::config::LogFormat;
 
+mod json_fields;
+
 /// Keeps the tracer provider alive; call [`Telemetry::shutdown`] at exit to flush spans.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -62,6 +64,7 @@ pub fn init(filter: &str, format: LogFormat, role: &str) -> Result<Telemetry, St
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
+            .fmt_fields(json_fields::AppendingJsonFields::default())
             .boxed()
     } else {
         tracing_subscriber::fmt::layer().boxed()

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
     time::Instant,
 };
 
@@ -43,13 +43,29 @@ pub struct StoredEvent {
     pub event: Event,
     /// Its topic.
     pub topic: Topic,
-    /// Its WebSocket rendering (JSON text), made once for every WebSocket client.
-    pub ws_text: Bytes,
+    /// Its WebSocket rendering (JSON text), made once, when a WebSocket client first needs
+    /// it: most events reach gRPC subscribers only, or nobody.
+    ws_text: OnceLock<Bytes>,
     /// When this pod accepted it, for the publish→deliver latency.
     pub accepted_at: Instant,
 }
 
 impl StoredEvent {
+    /// An event just accepted.
+    pub fn new(event: Event, topic: Topic) -> Self {
+        StoredEvent {
+            event,
+            topic,
+            ws_text: OnceLock::new(),
+            accepted_at: Instant::now(),
+        }
+    }
+
+    /// Its WebSocket rendering (JSON text), shared by every WebSocket client.
+    pub fn ws_text(&self) -> &Bytes {
+        self.ws_text.get_or_init(|| Bytes::from(model::ws_json(&self.event)))
+    }
+
     /// Its sequence number.
     pub fn sequence(&self) -> u64 {
         self.event.sequence
@@ -230,7 +246,7 @@ impl Hub {
         let mut checked = Vec::with_capacity(events.len());
         for (i, mut e) in events.into_iter().enumerate() {
             match model::normalize(i, &mut e) {
-                Ok((topic, data)) => checked.push((e, topic, data)),
+                Ok((topic, _)) => checked.push((e, topic)),
                 Err(err) => {
                     m.rejected.with_label_values(&[err.metric_label()]).inc();
                     return Err(err);
@@ -243,7 +259,7 @@ impl Hub {
             if st.tx.is_none() {
                 return Err(EventsError::ShuttingDown);
             }
-            for (mut event, topic, data) in checked {
+            for (mut event, topic) in checked {
                 if st.ids.contains(&event.id) {
                     out.duplicates += 1;
                     continue;
@@ -251,13 +267,7 @@ impl Hub {
                 event.sequence = st.next_sequence;
                 event.node = self.inner.config.node.clone();
                 st.next_sequence += 1;
-                let ws_text = Bytes::from(model::ws_json(&event, data));
-                let stored = Arc::new(StoredEvent {
-                    event,
-                    topic,
-                    ws_text,
-                    accepted_at: Instant::now(),
-                });
+                let stored = Arc::new(StoredEvent::new(event, topic));
                 st.ids.insert(stored.event.id.clone());
                 st.ring.push_back(stored.clone());
                 while st.ring.len() > self.inner.config.replay_capacity {

@@ -287,25 +287,34 @@ pub fn normalize(index: usize, event: &mut Event) -> Result<(Topic, Map<String, 
 /// The WebSocket rendering of an accepted event: the published `{type, topic, data, timestamp}`
 /// plus `id`, `sequence`, `source` and `node` for clients that track positions, and
 /// `traceparent` when the event carries its producer's span.
-pub fn ws_json(event: &Event, data: Map<String, Value>) -> String {
+pub fn ws_json(event: &Event) -> String {
     let ts = event.timestamp.as_ref().map(rfc3339).unwrap_or_else(rfc3339_now);
-    let mut msg = serde_json::json!({
-        "type": event.r#type,
-        "topic": event.topic,
-        "data": Value::Object(data),
-        "timestamp": ts,
-        "id": event.id,
-        "sequence": event.sequence,
-        "source": event.source,
-        "node": event.node,
-    });
+    // After `normalize` the envelope's `data_json` is the complete data object (validated as
+    // one), so it goes in as it is: no parse and render per event.
+    let data = match event.data_json.trim() {
+        "" => "{}",
+        d => d,
+    };
+    let q = |v: &str| Value::from(v).to_string();
+    // Keys in the order serde_json's map rendered them before (sorted).
+    let mut out = format!(
+        "{{\"data\":{data},\"id\":{},\"node\":{},\"sequence\":{},\"source\":{},\"timestamp\":{},\"topic\":{}",
+        q(&event.id),
+        q(&event.node),
+        event.sequence,
+        q(&event.source),
+        q(&ts),
+        q(&event.topic),
+    );
     // The originating span, for clients that continue the trace; absent when there is none.
-    if !event.traceparent.is_empty()
-        && let Some(m) = msg.as_object_mut()
-    {
-        m.insert("traceparent".into(), event.traceparent.clone().into());
+    if !event.traceparent.is_empty() {
+        out.push_str(",\"traceparent\":");
+        out.push_str(&q(&event.traceparent));
     }
-    msg.to_string()
+    out.push_str(",\"type\":");
+    out.push_str(&q(&event.r#type));
+    out.push('}');
+    out
 }
 
 /// An alert as the published SystemEvent of StreamSystemEvents (`warning`, or `error` for
@@ -364,6 +373,41 @@ mod tests {
     }
 
     #[test]
+    fn the_websocket_rendering_carries_the_complete_data_and_the_envelope() {
+        let mut e = ev(
+            "file_operations",
+            "file_uploaded",
+            json!({"key": "a \"quoted\" key\n", "size": 3, "nested": {"x": [1, 2]}}),
+        );
+        e.source = "blob/n\\1".into();
+        let (_, data) = normalize(0, &mut e).unwrap();
+        e.sequence = 42;
+        e.node = "events-0".into();
+        let ws: Value = serde_json::from_str(&ws_json(&e)).unwrap();
+        assert_eq!(ws["data"], Value::Object(data));
+        assert_eq!(ws["data"]["key"], "a \"quoted\" key\n");
+        assert_eq!(
+            (
+                ws["type"].as_str(),
+                ws["topic"].as_str(),
+                ws["id"].as_str(),
+                ws["source"].as_str(),
+                ws["node"].as_str()
+            ),
+            (
+                Some("file_uploaded"),
+                Some("file_operations"),
+                Some(e.id.as_str()),
+                Some("blob/n\\1"),
+                Some("events-0")
+            )
+        );
+        assert_eq!(ws["sequence"], 42);
+        assert!(ws["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(ws.get("traceparent").is_none());
+    }
+
+    #[test]
     fn a_typed_payload_gives_the_data_object() {
         let mut e = ev("system", "system_metrics", json!({}));
         e.data_json.clear();
@@ -403,15 +447,15 @@ mod tests {
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let mut e = ev("file_operations", "file_uploaded", json!({"key": "k"}));
         e.traceparent = tp.into();
-        let (_, data) = normalize(0, &mut e).unwrap();
+        normalize(0, &mut e).unwrap();
         assert_eq!(e.traceparent, tp);
-        let ws: Value = serde_json::from_str(&ws_json(&e, data)).unwrap();
+        let ws: Value = serde_json::from_str(&ws_json(&e)).unwrap();
         assert_eq!(ws["traceparent"], tp);
         let mut e = ev("file_operations", "file_uploaded", json!({"key": "k"}));
         e.traceparent = "00-not-a-trace".into();
-        let (_, data) = normalize(0, &mut e).unwrap();
+        normalize(0, &mut e).unwrap();
         assert!(e.traceparent.is_empty());
-        let ws: Value = serde_json::from_str(&ws_json(&e, data)).unwrap();
+        let ws: Value = serde_json::from_str(&ws_json(&e)).unwrap();
         assert!(ws.get("traceparent").is_none());
     }
 
@@ -427,7 +471,7 @@ mod tests {
         assert_eq!((a.value, a.threshold, a.level.as_str()), (85.5, 80.0, "critical"));
         let s = alert_as_system_event(a, &e.source, e.timestamp);
         assert_eq!((s.event_type.as_str(), s.component.as_str()), ("error", "blob"));
-        let ws: Value = serde_json::from_str(&ws_json(&e, Map::new())).unwrap();
+        let ws: Value = serde_json::from_str(&ws_json(&e)).unwrap();
         assert_eq!(ws["type"], "performance_alert");
         assert!(ws["timestamp"].as_str().unwrap().ends_with('Z'));
     }

@@ -103,6 +103,21 @@ impl Layout {
         self.peers.len() <= 1 && (self.peers.is_empty() || self.self_id.is_some())
     }
 
+    /// Whether going from this layout to `next` can change what an anti-entropy round finds:
+    /// members, their endpoints or readiness, this pod's id, or placement. A new health rank
+    /// alone (a probe's latency) only reorders reads and starts no round, which walks the
+    /// store, however often probes report.
+    pub fn changes_what_repair_sees(&self, next: &Layout) -> bool {
+        self.placement != next.placement
+            || self.self_id != next.self_id
+            || self.peers.len() != next.peers.len()
+            || self
+                .peers
+                .iter()
+                .zip(&next.peers)
+                .any(|((a, pa), (b, pb))| a != b || pa.endpoint != pb.endpoint || pa.ready != pb.ready)
+    }
+
     /// Owners of `key`: the current owners, then any previous ones not among them.
     pub fn owners(&self, key: &str) -> Vec<String> {
         let p = key_partition(key);
@@ -412,9 +427,12 @@ impl Cluster {
                 "replication layout changed"
             );
         }
+        let relevant = moved || old.changes_what_repair_sees(&layout);
         *guard = Arc::new(layout);
         drop(guard);
-        self.inner.layout_changed.notify_waiters();
+        if relevant {
+            self.inner.layout_changed.notify_waiters();
+        }
         self.inner.handoff_wake.notify_one();
     }
 
@@ -580,5 +598,66 @@ impl Cluster {
                 }))
                 .build(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(members: &[(&str, bool, u8)]) -> Layout {
+        let ms: Vec<placement::Member> = members
+            .iter()
+            .map(|(id, _, _)| placement::Member {
+                id: id.to_string(),
+                zone: String::new(),
+                node: String::new(),
+            })
+            .collect();
+        Layout {
+            version: 1,
+            peers: members
+                .iter()
+                .map(|(id, ready, rank)| {
+                    (
+                        id.to_string(),
+                        Peer {
+                            id: id.to_string(),
+                            endpoint: format!("{id}:7000"),
+                            ready: *ready,
+                            rank: *rank,
+                        },
+                    )
+                })
+                .collect(),
+            self_id: Some("a".into()),
+            placement: Placement::new(&ms, 3),
+            previous: None,
+        }
+    }
+
+    #[test]
+    fn a_health_rank_alone_starts_no_repair_round_but_membership_and_readiness_do() {
+        let base = layout(&[("a", true, 0), ("b", true, 0), ("c", true, 0)]);
+        let degraded = layout(&[("a", true, 0), ("b", true, 1), ("c", true, 2)]);
+        assert!(!base.changes_what_repair_sees(&degraded), "latency/health rank only");
+        let not_ready = layout(&[("a", true, 0), ("b", false, 3), ("c", true, 0)]);
+        assert!(
+            base.changes_what_repair_sees(&not_ready),
+            "a member stopped being ready"
+        );
+        assert!(not_ready.changes_what_repair_sees(&base), "and came back");
+        let joined = layout(&[("a", true, 0), ("b", true, 0), ("c", true, 0), ("d", true, 0)]);
+        assert!(base.changes_what_repair_sees(&joined));
+        let replaced = layout(&[("a", true, 0), ("b", true, 0), ("e", true, 0)]);
+        assert!(base.changes_what_repair_sees(&replaced));
+        let mut moved = base.clone();
+        if let Some(p) = moved.peers.get_mut("c") {
+            p.endpoint = "10.0.0.9:7000".into();
+        }
+        assert!(base.changes_what_repair_sees(&moved), "a new address");
+        let mut other_self = base.clone();
+        other_self.self_id = None;
+        assert!(base.changes_what_repair_sees(&other_self));
     }
 }

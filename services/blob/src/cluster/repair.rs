@@ -271,14 +271,17 @@ impl Cluster {
     /// Forgets every local record of partition `p` (it moved to owners that confirmed).
     async fn drop_partition(&self, p: u32) -> crate::error::Result<()> {
         let mut dropped = 0usize;
+        // Each page goes on after the last key of the one before: starting again from the
+        // beginning would walk every other partition's keys once per page.
+        let mut after = String::new();
         loop {
             let s = self.store().clone();
-            let batch = tokio::task::spawn_blocking(move || s.list_records("", "", &[p], 256, false))
+            let a = std::mem::take(&mut after);
+            let batch = tokio::task::spawn_blocking(move || s.list_records("", &a, &[p], 256, false))
                 .await
                 .map_err(|e| crate::error::BlobError::Unavailable(e.to_string()))??;
-            if batch.is_empty() {
-                break;
-            }
+            let Some(last) = batch.last() else { break };
+            after = last.key.clone();
             for r in batch {
                 self.store().forget_record(&r.key).await?;
                 dropped += 1;

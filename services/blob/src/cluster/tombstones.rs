@@ -19,7 +19,7 @@ use peervault_proto::v1::FileRecord;
 use super::{Cluster, Layout, handoff};
 use crate::{
     error::{BlobError, Result},
-    store::replica::{hlc_from_wire, hlc_key},
+    store::replica::{hlc_from_wire, hlc_key, key_partition},
 };
 
 /// What one other owner was seen to hold of one partition in an anti-entropy round.
@@ -92,42 +92,39 @@ impl Cluster {
         if layout.previous.is_some() {
             return Ok(0); // data is moving: the owners to ask are not settled
         }
+        // Only tombstones stored longer ago than the grace period can be due (their clock is
+        // never later than when this pod stored them, give or take skew, which
+        // `tombstone_expired` settles): read those from the time index, not every record.
+        let grace_ns = i64::try_from(self.inner.cfg.tombstone_grace.as_nanos()).unwrap_or(i64::MAX);
+        let now_ns = i64::try_from(handoff::now_ms())
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000);
+        let before_ns = now_ns.saturating_sub(grace_ns);
         let mut candidates = Vec::new();
-        for p in 0..crate::store::replica::PARTITIONS as u32 {
-            let owners = layout.placement.owners(p);
-            if !owners.contains(&me) || conf.failed.contains(&p) {
-                continue;
+        let mut after = Vec::new();
+        loop {
+            let s = self.store().clone();
+            let a = std::mem::take(&mut after);
+            let (batch, next) = tokio::task::spawn_blocking(move || s.tombstones_stored_before(before_ns, &a, 1000))
+                .await
+                .map_err(|e| BlobError::Unavailable(e.to_string()))??;
+            for r in batch {
+                let p = key_partition(&r.key);
+                let owners = layout.placement.owners(p);
+                if !owners.contains(&me) || conf.failed.contains(&p) || !self.tombstone_expired(&r) {
+                    continue;
+                }
+                let seen = conf.seen.get(&p);
+                let mut others = owners.iter().filter(|o| **o != me);
+                // Every other owner must have been compared this round and confirm it.
+                let ok = others.all(|o| seen.and_then(|s| s.get(o)).is_some_and(|s| confirms(s, &r)));
+                if ok {
+                    candidates.push(r);
+                }
             }
-            let seen = conf.seen.get(&p);
-            let others: Vec<&String> = owners.iter().filter(|o| **o != me).collect();
-            if others.iter().any(|o| seen.is_none_or(|s| !s.contains_key(*o))) {
-                continue; // an owner was not compared this round
-            }
-            let mut after = String::new();
-            loop {
-                let s = self.store().clone();
-                let a = after.clone();
-                let batch = tokio::task::spawn_blocking(move || s.list_records("", &a, &[p], 1000, false))
-                    .await
-                    .map_err(|e| BlobError::Unavailable(e.to_string()))??;
-                let n = batch.len();
-                if let Some(l) = batch.last() {
-                    after = l.key.clone();
-                }
-                for r in batch {
-                    if !self.tombstone_expired(&r) {
-                        continue;
-                    }
-                    let ok = others
-                        .iter()
-                        .all(|o| seen.and_then(|s| s.get(*o)).is_some_and(|s| confirms(s, &r)));
-                    if ok {
-                        candidates.push(r);
-                    }
-                }
-                if n < 1000 {
-                    break;
-                }
+            match next {
+                Some(n) => after = n,
+                None => break,
             }
         }
         if candidates.is_empty() {
@@ -211,6 +208,89 @@ mod tests {
         assert!(store.replica_record("k", false).unwrap().is_none());
         // Nothing left: nothing to collect.
         assert!(!store.collect_tombstone("k", &h).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn due_tombstones_come_from_the_time_index_oldest_first_in_bounded_pages_without_live_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(
+            dir.path(),
+            crate::config::BlobConfig::default(),
+            crate::metrics::BlobMetrics::new(None).unwrap(),
+        )
+        .unwrap();
+        // Live records around the tombstones in key order: none of them may come back.
+        for k in ["a", "m", "z"] {
+            assert!(store.apply_record(rec(k, 50, false), None).await.unwrap().0);
+        }
+        let tombs = ["b", "c", "d", "e", "f"];
+        for (i, k) in tombs.iter().enumerate() {
+            assert!(store.apply_record(rec(k, 100 + i as u64, true), None).await.unwrap().0);
+        }
+        let mut seen = Vec::new();
+        let mut after = Vec::new();
+        let mut pages = 0;
+        loop {
+            let (batch, next) = store.tombstones_stored_before(i64::MAX, &after, 2).unwrap();
+            assert!(batch.len() <= 2);
+            pages += 1;
+            seen.extend(batch.into_iter().map(|r| {
+                assert!(r.deleted);
+                r.key
+            }));
+            match next {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(sorted, tombs.iter().map(|k| k.to_string()).collect::<Vec<_>>());
+        assert!(pages >= 3, "five tombstones in pages of two");
+        // Nothing was stored before the epoch: nothing is due.
+        let (none, next) = store.tombstones_stored_before(0, &[], 10).unwrap();
+        assert!(none.is_empty() && next.is_none());
+        // A collected tombstone leaves the time index too.
+        let h = hlc_from_wire(rec("b", 100, true).hlc.as_ref().unwrap());
+        assert!(store.collect_tombstone("b", &h).await.unwrap());
+        let (left, _) = store.tombstones_stored_before(i64::MAX, &[], 10).unwrap();
+        assert_eq!(left.len(), 4);
+        assert!(left.iter().all(|r| r.key != "b"));
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_stored_without_its_time_entry_is_indexed_again_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            crate::store::Store::open(
+                dir.path(),
+                crate::config::BlobConfig::default(),
+                crate::metrics::BlobMetrics::new(None).unwrap(),
+            )
+            .unwrap()
+        };
+        let store = open();
+        for k in ["x", "y"] {
+            assert!(store.apply_record(rec(k, 100, true), None).await.unwrap().0);
+        }
+        drop(store);
+        // What the replica path used to leave behind: a tombstone with no time entry.
+        {
+            let db = redb::Database::create(dir.path().join("index.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(crate::store::index::TOMBSTONES_BY_TIME).unwrap();
+                use redb::ReadableTable;
+                let first = t.iter().unwrap().next().unwrap().unwrap().0.value().to_vec();
+                t.remove(first.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = open();
+        let (due, _) = store.tombstones_stored_before(i64::MAX, &[], 10).unwrap();
+        let mut keys: Vec<String> = due.into_iter().map(|r| r.key).collect();
+        keys.sort();
+        assert_eq!(keys, ["x", "y"]);
     }
 
     #[test]

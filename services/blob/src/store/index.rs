@@ -43,7 +43,7 @@ pub(crate) fn time_key(ns: i64, item: &[u8]) -> Vec<u8> {
     k
 }
 
-fn split_time_key(k: &[u8]) -> Option<(i64, &[u8])> {
+pub(crate) fn split_time_key(k: &[u8]) -> Option<(i64, &[u8])> {
     let (t, item) = k.split_at_checked(8)?;
     let t = u64::from_be_bytes(t.try_into().ok()?);
     Some((t.min(i64::MAX as u64) as i64, item))
@@ -444,6 +444,17 @@ fn gc_dequeue(txn: &Batch<'_>, hash: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Stores `tomb` as the tombstone of `key` with its time-index entry, replacing any earlier
+/// one (and its entry): the one place a tombstone is written, so the two tables stay in step.
+pub(crate) fn tombstone_put(txn: &Batch<'_>, key: &str, tomb: &Tombstone) -> Result<()> {
+    tombstone_remove(txn, key)?;
+    txn.open_table(TOMBSTONES)?
+        .insert(key, tomb.encode_to_vec().as_slice())?;
+    txn.open_table(TOMBSTONES_BY_TIME)?
+        .insert(time_key(tomb.deleted_ns, key.as_bytes()).as_slice(), ())?;
+    Ok(())
+}
+
 /// Removes a tombstone and its time-index entry.
 fn tombstone_remove(txn: &Batch<'_>, key: &str) -> Result<()> {
     let old = txn.open_table(TOMBSTONES)?.remove(key)?.map(|v| v.value().to_vec());
@@ -634,11 +645,7 @@ pub(crate) fn apply(txn: &Batch<'_>, op: Op) -> Result<Reply> {
                 blob_key: old.blob_key.clone(),
                 hlc: None,
             };
-            tombstone_remove(txn, &key)?;
-            txn.open_table(TOMBSTONES)?
-                .insert(key.as_str(), tomb.encode_to_vec().as_slice())?;
-            txn.open_table(TOMBSTONES_BY_TIME)?
-                .insert(time_key(now_ns, key.as_bytes()).as_slice(), ())?;
+            tombstone_put(txn, &key, &tomb)?;
             Ok(Reply::Deleted(old))
         }
         Op::UpdateFile { key, patch, now_ns } => {
@@ -1075,7 +1082,10 @@ fn build_time_indexes(txn: &WriteTransaction) -> Result<()> {
             t.insert(time_key(at, id.as_bytes()).as_slice(), ())?;
         }
     }
-    if txn.open_table(TOMBSTONES_BY_TIME)?.is_empty()? {
+    // Also rebuilt when the two disagree: replicated tombstones used to be stored without
+    // their time entry, which kept them from ever being found due.
+    if txn.open_table(TOMBSTONES_BY_TIME)?.len()? != txn.open_table(TOMBSTONES)?.len()? {
+        txn.open_table(TOMBSTONES_BY_TIME)?.retain(|_, _| false)?;
         let entries: Vec<(String, i64)> = {
             let t = txn.open_table(TOMBSTONES)?;
             let mut v = Vec::new();

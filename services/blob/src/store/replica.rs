@@ -441,8 +441,7 @@ impl Store {
                     blob_key: r.blob_key.to_vec(),
                     hlc: incoming,
                 };
-                txn.open_table(index::TOMBSTONES)?
-                    .insert(key.as_str(), prost::Message::encode_to_vec(&tomb).as_slice())?;
+                index::tombstone_put(txn, &key, &tomb)?;
                 return Ok(Reply::Applied(true, old));
             }
             let single_inline = r.chunk_hashes.len() == 1
@@ -629,6 +628,52 @@ impl Store {
             out.push(rec);
         }
         Ok(out)
+    }
+
+    /// Tombstones this pod stored before `before_ns`, oldest first, after the time-index
+    /// position `after` (empty: from the oldest), at most `limit`; with the position of the last
+    /// one to continue from when more may follow. Reads only tombstones (the time index), never live records: the
+    /// cost of collecting tombstones follows how many are due, not the size of the store.
+    /// Blocking.
+    pub fn tombstones_stored_before(
+        &self,
+        before_ns: i64,
+        after: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<FileRecord>, Option<Vec<u8>>)> {
+        let txn = self.inner.db.begin_read()?;
+        let by_time = txn.open_table(index::TOMBSTONES_BY_TIME)?;
+        let tombs = txn.open_table(index::TOMBSTONES)?;
+        let mut out = Vec::new();
+        let mut last = after.to_vec();
+        let mut more = false;
+        for e in by_time.range(after..)? {
+            let (k, _) = e?;
+            let k = k.value();
+            if k == after {
+                continue;
+            }
+            let Some((at, key)) = index::split_time_key(k) else {
+                continue;
+            };
+            if at >= before_ns {
+                break;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            last = k.to_vec();
+            let key = String::from_utf8_lossy(key);
+            // A time entry whose tombstone is gone (or replaced by a newer one) is skipped.
+            if let Some(v) = tombs.get(key.as_ref())? {
+                let t: Tombstone = decode("tombstone", v.value())?;
+                if t.deleted_ns == at {
+                    out.push(tombstone_record(&key, &t));
+                }
+            }
+        }
+        Ok((out, more.then_some(last)))
     }
 
     /// Every chunk hash this pod references, in order (for anti-entropy and scrub). Blocking.

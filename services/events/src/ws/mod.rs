@@ -531,7 +531,7 @@ impl Connection {
             while let Some(d) = next {
                 let msg = match &d {
                     // The rendering is made from a String, so it is always UTF-8.
-                    Delivery::Event(e) => Utf8Bytes::try_from(e.ws_text.clone()).ok(),
+                    Delivery::Event(e) => Utf8Bytes::try_from(e.ws_text().clone()).ok(),
                     Delivery::Lagged(missed) => Some(Utf8Bytes::from(protocol::lagged(*missed))),
                     // WebSocket subscriptions never resume, so never replay.
                     Delivery::ReplayStart(_) => None,
