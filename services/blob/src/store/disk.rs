@@ -10,6 +10,7 @@ use std::{
     time::SystemTime,
 };
 
+use bytes::Bytes;
 use redb::{Builder, Database, DatabaseError};
 
 /// A file being written.
@@ -35,6 +36,11 @@ pub trait SegmentFile: Send + Sync {
         let mut buf = vec![0u8; len];
         self.read_at(offset, &mut buf)?;
         Ok(buf)
+    }
+    /// Reads exactly `len` bytes at `offset` as shared bytes (`UnexpectedEof` past the end).
+    /// The default reads through [`SegmentFile::read_vec`].
+    fn read_bytes(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        Ok(Bytes::from(self.read_vec(offset, len)?))
     }
     /// Makes what was written durable (data and the file's length).
     fn sync_data(&self) -> io::Result<()>;
@@ -96,14 +102,99 @@ impl DiskFile for OsFile {
     }
 }
 
-struct OsSegment(File);
+/// Reads at least this long bypass the page cache (when the file system allows it).
+const DIRECT_READ_MIN: usize = 256 * 1024;
+/// The alignment of offsets, lengths and buffers that `O_DIRECT` asks for.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A segment: one handle for writes and small reads, and one opened with `O_DIRECT` (none where
+/// the file system refuses it, e.g. tmpfs) for chunk-sized reads. A whole-chunk read through the
+/// page cache costs a copy of every byte out of it — on a download the largest CPU cost after
+/// TLS and hashing —, and once read a chunk is streamed away, not read again soon. The kernel
+/// writes back dirty cached pages of a range before a direct read of it, so both handles see the
+/// same bytes.
+struct OsSegment {
+    file: File,
+    direct: Option<File>,
+    direct_failed: std::sync::atomic::AtomicBool,
+}
+
+impl OsSegment {
+    fn open(path: &Path, create: bool) -> io::Result<OsSegment> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create)
+            .open(path)?;
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(path)
+                .ok()
+        };
+        Ok(OsSegment {
+            file,
+            direct,
+            direct_failed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// `len` bytes at `offset` read with `O_DIRECT`: the aligned range around them into an
+    /// aligned place of a buffer, then sliced (no copy). `None` when a direct read is refused
+    /// (the caller reads through the cache instead, and so does every later read).
+    fn read_direct(&self, direct: &File, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
+        let align = DIRECT_ALIGN as u64;
+        let start = offset - offset % align;
+        let end = (offset + len as u64).div_ceil(align) * align;
+        let span = (end - start) as usize;
+        let mut buf = vec![0u8; span + DIRECT_ALIGN];
+        let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        let need = (offset - start) as usize + len;
+        let mut got = 0usize;
+        while got < need {
+            let at = start + got as u64;
+            let Some(dst) = buf.get_mut(pad + got..pad + span) else {
+                return Some(Err(io::Error::other("direct read buffer out of range")));
+            };
+            match std::os::unix::fs::FileExt::read_at(direct, dst, at) {
+                Ok(0) => {
+                    return Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} bytes missing at offset {}", need - got, at),
+                    )));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    self.direct_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return None;
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let from = pad + (offset - start) as usize;
+        Some(Ok(Bytes::from(buf).slice(from..from + len)))
+    }
+}
 
 impl SegmentFile for OsSegment {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
+        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)
+    }
+    fn read_bytes(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        if len >= DIRECT_READ_MIN
+            && !self.direct_failed.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(direct) = &self.direct
+            && let Some(r) = self.read_direct(direct, offset, len)
+        {
+            return r;
+        }
+        Ok(Bytes::from(self.read_vec(offset, len)?))
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
     }
     fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(len);
@@ -112,7 +203,7 @@ impl SegmentFile for OsSegment {
             let want = len - buf.len();
             // `spare_capacity` reads into the uninitialised tail and extends the length by what
             // was read: no zero fill, no unsafe code here.
-            let got = match rustix::io::pread(&self.0, rustix::buffer::spare_capacity(&mut buf), at) {
+            let got = match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut buf), at) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -127,15 +218,15 @@ impl SegmentFile for OsSegment {
         Ok(buf)
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::FallocateFlags;
         match rustix::fs::fallocate(
-            &self.0,
+            &self.file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
             offset,
             len,
@@ -195,12 +286,7 @@ impl Disk for OsDisk {
             .map(|s| s.f_blocks.saturating_mul(s.f_frsize))
     }
     fn open_segment(&self, path: &Path, create: bool) -> io::Result<std::sync::Arc<dyn SegmentFile>> {
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create)
-            .open(path)?;
-        Ok(std::sync::Arc::new(OsSegment(f)))
+        Ok(std::sync::Arc::new(OsSegment::open(path, create)?))
     }
     fn open_index(&self, path: &Path, builder: &Builder) -> Result<Database, DatabaseError> {
         builder.create(path)
@@ -228,5 +314,51 @@ mod tests {
             seg.read_at(299_000, &mut buf).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    /// Chunk-sized reads bypass the page cache at any offset and length, see bytes written a
+    /// moment before (not yet synced), stop at the end of the file, and give the same bytes
+    /// where the file system refuses `O_DIRECT` (tmpfs) through the cache.
+    #[test]
+    fn chunk_sized_reads_bypass_the_cache_at_any_alignment_and_match_the_written_bytes() {
+        let dirs: Vec<tempfile::TempDir> = std::iter::once(tempfile::tempdir().unwrap())
+            .chain(tempfile::tempdir_in("/dev/shm").ok())
+            .collect();
+        for (i, dir) in dirs.iter().enumerate() {
+            let path = dir.path().join("s.seg");
+            let seg = OsSegment::open(&path, true).unwrap();
+            let data: Vec<u8> = (0..3_000_001u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            seg.write_at(0, &data).unwrap();
+            for (off, len) in [
+                (0usize, 1 << 20),
+                (1, 1 << 20),
+                (4095, 300_000),
+                (4096, 262_144),
+                (1_234_567, 1_765_434),
+            ] {
+                let got = seg.read_bytes(off as u64, len).unwrap();
+                assert_eq!(got.len(), len);
+                assert!(
+                    got[..] == data[off..off + len],
+                    "{} at {off}+{len}",
+                    dir.path().display()
+                );
+            }
+            let err = seg.read_bytes(2_900_000, 262_144).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+            // Overwritten in place and read straight back: the direct handle sees the new bytes.
+            seg.write_at(10_000, &[7u8; 300_000]).unwrap();
+            assert!(
+                seg.read_bytes(9_000, 302_000).unwrap()[1_000..301_000]
+                    .iter()
+                    .all(|b| *b == 7)
+            );
+            if i == 0 {
+                // The temp dir's disk file system takes O_DIRECT: the direct path was walked.
+                assert!(seg.direct.is_some() && !seg.direct_failed.load(std::sync::atomic::Ordering::Relaxed));
+            }
+        }
     }
 }

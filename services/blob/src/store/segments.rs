@@ -264,7 +264,7 @@ impl Store {
                 format!("segment {} is gone", loc.segment),
             ));
         };
-        Ok(Bytes::from(file.read_vec(loc.offset, size as usize)?))
+        file.read_bytes(loc.offset, size as usize)
     }
 
     /// One compaction pass: sealed segments that are mostly dead have their live chunks copied
