@@ -169,7 +169,7 @@ impl OsSegment {
                     got += n;
                     // A direct read comes back short only at the end of the file: another read
                     // from an unaligned place would be refused, and there is nothing there.
-                    if got < need && got % DIRECT_ALIGN != 0 {
+                    if got < need && !got.is_multiple_of(DIRECT_ALIGN) {
                         return Some(Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             format!("{} bytes missing at offset {}", need - got, start + got as u64),
