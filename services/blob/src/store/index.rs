@@ -184,6 +184,11 @@ pub(crate) enum Op {
         rec: FileRec,
         blob: NewBlob,
     },
+    /// A replicated record whose content is inline (one chunk, carried in the record), applied
+    /// if newer than the one held: deterministic given the index, so it can be journaled.
+    ApplyInlineRecord {
+        record: peervault_proto::v1::FileRecord,
+    },
     DeleteFile {
         key: String,
         now_ns: i64,
@@ -600,6 +605,7 @@ fn remove_upload(txn: &Batch<'_>, id: &str, rec: &UploadRec, keep_refs: bool, no
 pub(crate) fn apply(txn: &Batch<'_>, op: Op) -> Result<Reply> {
     match op {
         Op::Custom(f) => f(txn),
+        Op::ApplyInlineRecord { record } => super::replica::apply_record_in(txn, &record, &Default::default()),
         Op::PutFile { rec, blob } => {
             let old = txn
                 .open_table(FILES)?

@@ -1,6 +1,10 @@
 //! The index journal: how a batch of small puts becomes durable with one append and one
 //! `fdatasync` instead of a durable index commit.
 //!
+//! Journaled: puts of inline content (objects up to 64 KiB, kept inside the index) and
+//! replicated records carrying such content (`Op::ApplyInlineRecord`, what a replica applies
+//! for a small write), each entry one kind or the other.
+//!
 //! A durable redb commit with quick repair costs two fsyncs plus one page write per dirty
 //! B-tree page — about fifty `pwrite`s for ten 4 KiB puts, whose hash-keyed rows land on random
 //! pages. So a batch whose every operation is a put of inline content (the small objects that
@@ -56,6 +60,10 @@ struct Entry {
     seq: u64,
     #[prost(message, repeated, tag = "2")]
     puts: Vec<PutEntry>,
+    /// Replicated records with inline content, applied if newer. An entry holds puts or
+    /// records, never both, so each replays in the order it was applied.
+    #[prost(message, repeated, tag = "3")]
+    records: Vec<peervault_proto::v1::FileRecord>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -86,6 +94,7 @@ struct InlineChunk {
 /// chunk is inline content (nothing on disk outside the index to depend on).
 fn journalable(op: &Op) -> bool {
     match op {
+        Op::ApplyInlineRecord { .. } => true,
         Op::PutFile { blob, .. } => blob
             .chunks
             .iter()
@@ -258,11 +267,16 @@ impl Journal {
         let batch = index::Batch::new(&txn);
         for e in entries {
             seq = e.seq;
-            for p in e.puts {
+            let ops = e
+                .puts
+                .into_iter()
+                .map(put_op)
+                .chain(e.records.into_iter().map(|record| Ok(Op::ApplyInlineRecord { record })));
+            for op in ops {
                 replayed.puts += 1;
                 // A refusal now was a refusal then (the apply is deterministic): only a
                 // storage failure stops the replay.
-                if let Err(e) = index::apply(&batch, put_op(p)?)
+                if let Err(e) = index::apply(&batch, op?)
                     && super::committer::aborts(&e)
                 {
                     return Err(e);
@@ -304,10 +318,21 @@ impl Journal {
         if self.broken || self.len >= CHECKPOINT_BYTES || ops.is_empty() || !ops.iter().all(journalable) {
             return None;
         }
+        let records: Vec<peervault_proto::v1::FileRecord> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::ApplyInlineRecord { record } => Some(record.clone()),
+                _ => None,
+            })
+            .collect();
+        if !records.is_empty() && records.len() != ops.len() {
+            return None; // puts and records mixed: one entry could not keep their order
+        }
         let seq = self.seq + 1;
         let entry = Entry {
             seq,
             puts: ops.iter().filter_map(put_entry).collect(),
+            records,
         };
         Some((seq, frame(&entry)?))
     }
@@ -378,7 +403,12 @@ mod tests {
     use super::*;
 
     fn framed(seq: u64) -> Vec<u8> {
-        frame(&Entry { seq, puts: vec![] }).unwrap()
+        frame(&Entry {
+            seq,
+            puts: vec![],
+            records: vec![],
+        })
+        .unwrap()
     }
 
     #[test]

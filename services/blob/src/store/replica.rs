@@ -118,6 +118,108 @@ fn tombstone_record(key: &str, t: &Tombstone) -> FileRecord {
     }
 }
 
+/// Whether a live record carries all its content inline (one chunk up to the inline limit).
+fn inline_only(r: &FileRecord) -> bool {
+    !r.deleted
+        && r.chunk_hashes.len() == 1
+        && r.chunk_sizes.first().is_some_and(|s| *s as usize <= INLINE_MAX)
+        && r.size as usize <= INLINE_MAX
+        && r.size >= 0
+        && r.inline_data.len() as i64 == r.size
+}
+
+/// Applies a replicated record inside an index transaction if it is newer (by clock) than the
+/// one held; `local_locs` are where this pod's own copies of its chunks are. Deterministic
+/// given the index and the record (its timestamps travel in it), so a journal replay
+/// rebuilds what was acknowledged.
+pub(crate) fn apply_record_in(
+    txn: &index::Batch<'_>,
+    r: &FileRecord,
+    local_locs: &std::collections::HashMap<[u8; 32], (super::records::SegLoc, bool)>,
+) -> Result<Reply> {
+    let blob_key = check_record(r)?;
+    let incoming = r.hlc.as_ref().map(hlc_from_wire);
+    let key = r.key.clone();
+    let cur: Option<Hlc> = {
+        let files = txn.open_table(index::FILES)?;
+        match files.get(key.as_str())? {
+            Some(v) => Some(decode::<FileRec>("file", v.value())?.hlc.unwrap_or_default()),
+            None => {
+                let tombs = txn.open_table(index::TOMBSTONES)?;
+                match tombs.get(key.as_str())? {
+                    Some(v) => Some(decode::<Tombstone>("tombstone", v.value())?.hlc.unwrap_or_default()),
+                    None => None,
+                }
+            }
+        }
+    };
+    if let Some(c) = &cur
+        && hlc_key(incoming.as_ref()) <= hlc_key(Some(c))
+    {
+        return Ok(Reply::Applied(false, None));
+    }
+    let when = ns(r.updated_at.as_ref());
+    if r.deleted {
+        let exists = txn.open_table(index::FILES)?.get(key.as_str())?.is_some();
+        let old = if exists {
+            match index::apply(
+                txn,
+                Op::DeleteFile {
+                    key: key.clone(),
+                    now_ns: when,
+                },
+            )? {
+                Reply::Deleted(f) => Some(f),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let tomb = Tombstone {
+            deleted_ns: when,
+            blob_key: r.blob_key.to_vec(),
+            hlc: incoming,
+        };
+        index::tombstone_put(txn, &key, &tomb)?;
+        return Ok(Reply::Applied(true, old));
+    }
+    let single_inline = r.chunk_hashes.len() == 1
+        && r.chunk_sizes.first().is_some_and(|s| *s as usize <= INLINE_MAX)
+        && r.size as usize <= INLINE_MAX;
+    let chunks = r
+        .chunk_hashes
+        .iter()
+        .zip(&r.chunk_sizes)
+        .map(|(h, &size)| {
+            let hash = <[u8; 32]>::try_from(h.as_ref()).unwrap_or([0; 32]);
+            let mut c = ChunkMeta::new(hash, size);
+            c.inline = (single_inline && !r.inline_data.is_empty()).then(|| r.inline_data.clone());
+            if let Some((l, repair)) = local_locs.get(&hash) {
+                c.loc = Some(*l);
+                c.repair = *repair;
+            }
+            c
+        })
+        .collect();
+    let blob = NewBlob {
+        key: blob_key,
+        size: r.size.max(0) as u64,
+        chunks,
+        content_type: String::new(),
+        attributes: Default::default(),
+    };
+    match index::apply(
+        txn,
+        Op::PutFile {
+            rec: file_rec(&r),
+            blob,
+        },
+    )? {
+        Reply::File(_, old) => Ok(Reply::Applied(true, old)),
+        other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
+    }
+}
+
 /// The file record a live replicated record stands for.
 pub fn file_rec(r: &FileRecord) -> FileRec {
     FileRec {
@@ -391,96 +493,21 @@ impl Store {
     /// index commit. `local` is content this pod ingested itself for the record (released
     /// after the commit). Returns whether it was applied and the live file it replaced.
     pub async fn apply_record(&self, r: FileRecord, local: Option<Finished>) -> Result<(bool, Option<FileRec>)> {
-        let blob_key = check_record(&r)?;
+        check_record(&r)?;
         // Where this pod's own copies of the chunks are (segments), so the records point there.
         let local_locs: std::collections::HashMap<[u8; 32], (super::records::SegLoc, bool)> = local
             .iter()
             .flat_map(|f| f.blob.chunks.iter())
             .filter_map(|c| c.loc.map(|l| (c.hash, (l, c.repair))))
             .collect();
-        let incoming = r.hlc.as_ref().map(hlc_from_wire);
-        let key = r.key.clone();
-        let op: index::CustomOp = Box::new(move |txn| {
-            let cur: Option<Hlc> = {
-                let files = txn.open_table(index::FILES)?;
-                match files.get(key.as_str())? {
-                    Some(v) => Some(decode::<FileRec>("file", v.value())?.hlc.unwrap_or_default()),
-                    None => {
-                        let tombs = txn.open_table(index::TOMBSTONES)?;
-                        match tombs.get(key.as_str())? {
-                            Some(v) => Some(decode::<Tombstone>("tombstone", v.value())?.hlc.unwrap_or_default()),
-                            None => None,
-                        }
-                    }
-                }
-            };
-            if let Some(c) = &cur
-                && hlc_key(incoming.as_ref()) <= hlc_key(Some(c))
-            {
-                return Ok(Reply::Applied(false, None));
-            }
-            let when = ns(r.updated_at.as_ref());
-            if r.deleted {
-                let exists = txn.open_table(index::FILES)?.get(key.as_str())?.is_some();
-                let old = if exists {
-                    match index::apply(
-                        txn,
-                        Op::DeleteFile {
-                            key: key.clone(),
-                            now_ns: when,
-                        },
-                    )? {
-                        Reply::Deleted(f) => Some(f),
-                        _ => None,
-                    }
-                } else {
-                    None
-                };
-                let tomb = Tombstone {
-                    deleted_ns: when,
-                    blob_key: r.blob_key.to_vec(),
-                    hlc: incoming,
-                };
-                index::tombstone_put(txn, &key, &tomb)?;
-                return Ok(Reply::Applied(true, old));
-            }
-            let single_inline = r.chunk_hashes.len() == 1
-                && r.chunk_sizes.first().is_some_and(|s| *s as usize <= INLINE_MAX)
-                && r.size as usize <= INLINE_MAX;
-            let chunks = r
-                .chunk_hashes
-                .iter()
-                .zip(&r.chunk_sizes)
-                .map(|(h, &size)| {
-                    let hash = <[u8; 32]>::try_from(h.as_ref()).unwrap_or([0; 32]);
-                    let mut c = ChunkMeta::new(hash, size);
-                    c.inline = (single_inline && !r.inline_data.is_empty()).then(|| r.inline_data.clone());
-                    if let Some((l, repair)) = local_locs.get(&hash) {
-                        c.loc = Some(*l);
-                        c.repair = *repair;
-                    }
-                    c
-                })
-                .collect();
-            let blob = NewBlob {
-                key: blob_key,
-                size: r.size.max(0) as u64,
-                chunks,
-                content_type: String::new(),
-                attributes: Default::default(),
-            };
-            match index::apply(
-                txn,
-                Op::PutFile {
-                    rec: file_rec(&r),
-                    blob,
-                },
-            )? {
-                Reply::File(_, old) => Ok(Reply::Applied(true, old)),
-                other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
-            }
-        });
-        match self.commit_with(Op::Custom(op), local).await? {
+        // Inline content with nothing ingested here: a journaled put like one pod's small puts
+        // (one append and one fdatasync per batch instead of a durable index commit).
+        let op = if local_locs.is_empty() && inline_only(&r) {
+            Op::ApplyInlineRecord { record: r }
+        } else {
+            Op::Custom(Box::new(move |txn| apply_record_in(txn, &r, &local_locs)))
+        };
+        match self.commit_with(op, local).await? {
             Reply::Applied(applied, old) => Ok((applied, old)),
             other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
         }
