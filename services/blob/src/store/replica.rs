@@ -211,7 +211,7 @@ pub(crate) fn apply_record_in(
     match index::apply(
         txn,
         Op::PutFile {
-            rec: file_rec(&r),
+            rec: file_rec(r),
             blob,
         },
     )? {
