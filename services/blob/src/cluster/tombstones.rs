@@ -185,15 +185,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_store_collects_a_tombstone_only_while_it_is_the_one_confirmed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(
-            dir.path(),
+    fn open_store(dir: &std::path::Path) -> crate::store::Store {
+        crate::store::Store::open(
+            dir,
             crate::config::BlobConfig::default(),
             crate::metrics::BlobMetrics::new(None).unwrap(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_store_collects_a_tombstone_only_while_it_is_the_one_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
         let tomb = rec("k", 100, true);
         assert!(store.apply_record(tomb.clone(), None).await.unwrap().0);
         let h = hlc_from_wire(tomb.hlc.as_ref().unwrap());
@@ -213,12 +217,7 @@ mod tests {
     #[tokio::test]
     async fn due_tombstones_come_from_the_time_index_oldest_first_in_bounded_pages_without_live_records() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(
-            dir.path(),
-            crate::config::BlobConfig::default(),
-            crate::metrics::BlobMetrics::new(None).unwrap(),
-        )
-        .unwrap();
+        let store = open_store(dir.path());
         // Live records around the tombstones in key order: none of them may come back.
         for k in ["a", "m", "z"] {
             assert!(store.apply_record(rec(k, 50, false), None).await.unwrap().0);
@@ -260,15 +259,7 @@ mod tests {
     #[tokio::test]
     async fn a_tombstone_stored_without_its_time_entry_is_indexed_again_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            crate::store::Store::open(
-                dir.path(),
-                crate::config::BlobConfig::default(),
-                crate::metrics::BlobMetrics::new(None).unwrap(),
-            )
-            .unwrap()
-        };
-        let store = open();
+        let store = open_store(dir.path());
         for k in ["x", "y"] {
             assert!(store.apply_record(rec(k, 100, true), None).await.unwrap().0);
         }
@@ -285,7 +276,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        let store = open();
+        let store = open_store(dir.path());
         let (due, _) = store.tombstones_stored_before(i64::MAX, &[], 10).unwrap();
         let mut keys: Vec<String> = due.into_iter().map(|r| r.key).collect();
         keys.sort();

@@ -208,13 +208,7 @@ pub(crate) fn apply_record_in(
         content_type: String::new(),
         attributes: Default::default(),
     };
-    match index::apply(
-        txn,
-        Op::PutFile {
-            rec: file_rec(r),
-            blob,
-        },
-    )? {
+    match index::apply(txn, Op::PutFile { rec: file_rec(r), blob })? {
         Reply::File(_, old) => Ok(Reply::Applied(true, old)),
         other => Err(BlobError::Corrupt(format!("unexpected reply {other:?}"))),
     }
