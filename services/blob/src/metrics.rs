@@ -64,6 +64,9 @@ pub mod names {
     pub const JOURNAL_BYTES_TOTAL: &str = "peervault_blob_journal_bytes_total";
     /// Puts applied again from the index journal at start-up (after a crash).
     pub const JOURNAL_REPLAYED_PUTS_TOTAL: &str = "peervault_blob_journal_replayed_puts_total";
+    /// Walks over every record to compute the per-partition digests anti-entropy compares (a
+    /// round with nothing committed since the last walk reuses it).
+    pub const RECORD_DIGEST_SCANS_TOTAL: &str = "peervault_blob_record_digest_scans_total";
 
     /// Every name above.
     pub const ALL: &[&str] = &[
@@ -97,6 +100,7 @@ pub mod names {
         JOURNAL_APPENDS_TOTAL,
         JOURNAL_BYTES_TOTAL,
         JOURNAL_REPLAYED_PUTS_TOTAL,
+        RECORD_DIGEST_SCANS_TOTAL,
     ];
 }
 
@@ -163,6 +167,8 @@ pub struct BlobMetrics {
     pub journal_bytes: IntCounter,
     /// See [`names::JOURNAL_REPLAYED_PUTS_TOTAL`].
     pub journal_replayed: IntCounter,
+    /// See [`names::RECORD_DIGEST_SCANS_TOTAL`].
+    pub record_digest_scans: IntCounter,
 }
 
 impl BlobMetrics {
@@ -239,6 +245,10 @@ impl BlobMetrics {
                 names::JOURNAL_REPLAYED_PUTS_TOTAL,
                 "Puts applied again from the index journal at start-up.",
             )?,
+            record_digest_scans: IntCounter::new(
+                names::RECORD_DIGEST_SCANS_TOTAL,
+                "Walks over every record to compute the per-partition digests for anti-entropy.",
+            )?,
         };
         // Both outcomes exist from the start, so a dashboard's rate is 0 rather than empty.
         for o in ["ok", "failed"] {
@@ -275,6 +285,7 @@ impl BlobMetrics {
             r.register(Box::new(m.journal_appends.clone()))?;
             r.register(Box::new(m.journal_bytes.clone()))?;
             r.register(Box::new(m.journal_replayed.clone()))?;
+            r.register(Box::new(m.record_digest_scans.clone()))?;
         }
         Ok(m)
     }

@@ -283,6 +283,35 @@ mod tests {
         assert_eq!(keys, ["x", "y"]);
     }
 
+    #[tokio::test]
+    async fn record_digests_are_walked_again_only_after_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        let scans = || store.metrics().record_digest_scans.get();
+        assert!(store.apply_record(rec("a", 100, false), None).await.unwrap().0);
+        let first = store.record_digests().unwrap();
+        let walked = scans();
+        assert_eq!(
+            store.record_digests().unwrap(),
+            first,
+            "nothing committed: the same digests"
+        );
+        assert_eq!(scans(), walked, "and no second walk");
+        // A newer clock for the same key changes its partition's digest.
+        assert!(store.apply_record(rec("a", 200, false), None).await.unwrap().0);
+        let second = store.record_digests().unwrap();
+        assert_eq!(scans(), walked + 1);
+        assert_ne!(second, first);
+        let p = crate::store::replica::key_partition("a") as usize;
+        assert_ne!(second.get(p), first.get(p));
+        // A refused (older) record commits too: walked again, and the digests stay.
+        assert!(!store.apply_record(rec("a", 150, false), None).await.unwrap().0);
+        assert_eq!(store.record_digests().unwrap(), second);
+        // A tombstone changes it again.
+        assert!(store.apply_record(rec("a", 300, true), None).await.unwrap().0);
+        assert_ne!(store.record_digests().unwrap(), second);
+    }
+
     #[test]
     fn only_an_owner_holding_an_older_live_copy_withholds_confirmation() {
         let tomb = rec("k", 100, true);

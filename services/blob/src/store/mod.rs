@@ -86,10 +86,17 @@ struct Inner {
     /// The next chunk folder the orphan scan looks at.
     orphan_cursor: std::sync::atomic::AtomicUsize,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Index commits so far (bumped once each is visible to readers).
+    commits: AtomicU64,
+    /// The last per-partition record digests and the commit count they were computed at.
+    digests: Mutex<Option<DigestsAt>>,
     /// Test builds: named points where a test can stop the engine to drive a race.
     #[cfg(any(test, feature = "test-hooks"))]
     hook: Mutex<Option<Hook>>,
 }
+
+/// Per-partition record digests and the commit count they were computed at.
+type DigestsAt = (u64, Vec<[u8; 32]>);
 
 /// A test hook: called with the name of each hook point reached.
 #[cfg(any(test, feature = "test-hooks"))]
@@ -248,6 +255,8 @@ impl Store {
             orphan_cursor: std::sync::atomic::AtomicUsize::new(0),
             list_cache: Mutex::new(read::ListCache::default()),
             committer: Mutex::new(None),
+            commits: AtomicU64::new(0),
+            digests: Mutex::new(None),
             #[cfg(any(test, feature = "test-hooks"))]
             hook: Mutex::new(None),
         });
@@ -261,6 +270,7 @@ impl Store {
         let hooks = committer::CommitterHooks {
             after_commit: Box::new(move |c| {
                 if let Some(inner) = weak.upgrade() {
+                    inner.commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     Store { inner }.publish_counters(c);
                 }
             }),

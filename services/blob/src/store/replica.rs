@@ -719,8 +719,25 @@ impl Store {
     }
 
     /// One digest per partition over the records (key, clock, tombstone flag) this pod holds.
-    /// Two owners with equal digests for a partition hold the same records. Blocking.
+    /// Two owners with equal digests for a partition hold the same records. Walks every record,
+    /// unless nothing was committed since the last walk: an idle pod's periodic anti-entropy
+    /// rounds then cost no scan. Blocking.
     pub fn record_digests(&self) -> Result<Vec<[u8; 32]>> {
+        // Read before the walk's snapshot: a commit landing during the walk leaves the result
+        // labelled older than it is, so it is walked again next time, never reused stale.
+        let at = self.inner.commits.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some((n, d)) = self.inner.digests.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && *n == at
+        {
+            return Ok(d.clone());
+        }
+        let d = self.walk_record_digests()?;
+        *self.inner.digests.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, d.clone()));
+        Ok(d)
+    }
+
+    fn walk_record_digests(&self) -> Result<Vec<[u8; 32]>> {
+        self.inner.metrics.record_digest_scans.inc();
         let mut hashers: Vec<blake3::Hasher> = (0..PARTITIONS).map(|_| blake3::Hasher::new()).collect();
         let mut after = String::new();
         loop {
