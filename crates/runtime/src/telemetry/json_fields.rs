@@ -1,7 +1,7 @@
 //! Span fields for JSON log lines, kept as one JSON object that a `record` appends to.
 //!
 //! tracing-subscriber's `JsonFields` parses a span's stored fields and renders them again on
-//! every `Span::record`; a gRPC call records three (caller, status, trace id), which made that
+//! every `Span::record`; a gRPC call records up to three (caller, status, trace id), which made that
 //! a twentieth of the server's CPU under small requests. Here the new fields are rendered on
 //! their own and spliced in. A field recorded twice appears twice; the JSON event formatter
 //! parses the object into a map, where the later value wins, as it did before.

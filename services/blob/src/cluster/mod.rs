@@ -427,7 +427,7 @@ impl Cluster {
                 "replication layout changed"
             );
         }
-        let relevant = moved || old.changes_what_repair_sees(&layout);
+        let relevant = old.changes_what_repair_sees(&layout);
         *guard = Arc::new(layout);
         drop(guard);
         if relevant {

@@ -96,10 +96,7 @@ impl Cluster {
         // never later than when this pod stored them, give or take skew, which
         // `tombstone_expired` settles): read those from the time index, not every record.
         let grace_ns = i64::try_from(self.inner.cfg.tombstone_grace.as_nanos()).unwrap_or(i64::MAX);
-        let now_ns = i64::try_from(handoff::now_ms())
-            .unwrap_or(i64::MAX)
-            .saturating_mul(1_000_000);
-        let before_ns = now_ns.saturating_sub(grace_ns);
+        let before_ns = crate::store::now_ns().saturating_sub(grace_ns);
         let mut candidates = Vec::new();
         let mut after = Vec::new();
         loop {
@@ -307,9 +304,40 @@ mod tests {
         // A refused (older) record commits too: walked again, and the digests stay.
         assert!(!store.apply_record(rec("a", 150, false), None).await.unwrap().0);
         assert_eq!(store.record_digests().unwrap(), second);
+        assert_eq!(scans(), walked + 2);
         // A tombstone changes it again.
         assert!(store.apply_record(rec("a", 300, true), None).await.unwrap().0);
         assert_ne!(store.record_digests().unwrap(), second);
+    }
+
+    /// A commit that lands after a walk read its snapshot but before the walk's result is kept:
+    /// the kept result is older than the index, and the next call must walk again.
+    #[tokio::test]
+    async fn a_commit_racing_a_digest_walk_is_never_hidden_by_the_kept_digests() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        assert!(store.apply_record(rec("a", 100, false), None).await.unwrap().0);
+        let armed = Arc::new(AtomicBool::new(true));
+        let (s, a) = (store.clone(), armed.clone());
+        store.set_hook(Some(Arc::new(move |p: &str| {
+            if p == "replica.digests_walked" && a.swap(false, Ordering::SeqCst) {
+                // From the walking (blocking) thread; the committer is a thread of its own.
+                let r = tokio::runtime::Handle::current().block_on(s.apply_record(rec("b", 100, false), None));
+                assert!(r.unwrap().0);
+            }
+        })));
+        let s = store.clone();
+        let racing = tokio::task::spawn_blocking(move || s.record_digests())
+            .await
+            .unwrap()
+            .unwrap();
+        store.set_hook(None);
+        let after = store.record_digests().unwrap();
+        assert_ne!(after, racing, "the record committed during the walk shows");
+        let p = crate::store::replica::key_partition("b") as usize;
+        assert_ne!(after.get(p), racing.get(p));
+        assert_eq!(store.metrics().record_digest_scans.get(), 2);
     }
 
     #[test]

@@ -86,7 +86,9 @@ struct Inner {
     /// The next chunk folder the orphan scan looks at.
     orphan_cursor: std::sync::atomic::AtomicUsize,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Index commits so far (bumped once each is visible to readers).
+    /// Committer commits so far (bumped once each is visible to readers). Every write of file
+    /// records and tombstones goes through the committer, so the record digests are current while
+    /// this stands still (API keys, written directly, are not part of them).
     commits: AtomicU64,
     /// The last per-partition record digests and the commit count they were computed at.
     digests: Mutex<Option<DigestsAt>>,

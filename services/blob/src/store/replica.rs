@@ -118,14 +118,16 @@ fn tombstone_record(key: &str, t: &Tombstone) -> FileRecord {
     }
 }
 
-/// Whether a live record carries all its content inline (one chunk up to the inline limit).
-fn inline_only(r: &FileRecord) -> bool {
-    !r.deleted
-        && r.chunk_hashes.len() == 1
+/// Whether a record's content is one chunk small enough to live inside the index.
+fn single_inline_chunk(r: &FileRecord) -> bool {
+    r.chunk_hashes.len() == 1
         && r.chunk_sizes.first().is_some_and(|s| *s as usize <= INLINE_MAX)
         && r.size as usize <= INLINE_MAX
-        && r.size >= 0
-        && r.inline_data.len() as i64 == r.size
+}
+
+/// Whether a live record carries all its content inline (one chunk up to the inline limit).
+fn inline_only(r: &FileRecord) -> bool {
+    !r.deleted && single_inline_chunk(r) && r.size >= 0 && r.inline_data.len() as i64 == r.size
 }
 
 /// Applies a replicated record inside an index transaction if it is newer (by clock) than the
@@ -183,9 +185,7 @@ pub(crate) fn apply_record_in(
         index::tombstone_put(txn, &key, &tomb)?;
         return Ok(Reply::Applied(true, old));
     }
-    let single_inline = r.chunk_hashes.len() == 1
-        && r.chunk_sizes.first().is_some_and(|s| *s as usize <= INLINE_MAX)
-        && r.size as usize <= INLINE_MAX;
+    let single_inline = single_inline_chunk(r);
     let chunks = r
         .chunk_hashes
         .iter()
@@ -732,6 +732,8 @@ impl Store {
             return Ok(d.clone());
         }
         let d = self.walk_record_digests()?;
+        #[cfg(any(test, feature = "test-hooks"))]
+        self.hook("replica.digests_walked");
         *self.inner.digests.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, d.clone()));
         Ok(d)
     }
